@@ -1,0 +1,216 @@
+"""The `hiermem` command: prepare, cluster, train, eval, generate, params, demo, bench.
+
+Stage commands take `--config PRESET_OR_YAML` plus dot-list overrides (`train.lr=3e-4`). Bad input ends with
+a one-line `error: ...` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from hiermem.errors import HiermemError
+
+
+def _config(args):
+    from hiermem.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default="tiny", help="preset name (configs/*.yaml) or a YAML path")
+    p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.lr=3e-4 data.corpus=docs.jsonl")
+
+
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", choices=("fetched", "generic", "none"), default=None,
+                   help="memory at inference (default: fetched for memory runs, none otherwise)")
+    p.add_argument("--router", choices=("centroid", "knn"), default=None, help="default: the run's routing.router")
+    p.add_argument("--block-level", type=int, default=None,
+                   help="forbid the best-matching subtree at this tree level (0 = level 1)")
+
+
+def cmd_prepare(args) -> None:
+    from hiermem.data.prepare import prepare
+
+    cfg = _config(args)
+    data = prepare(cfg, force=args.force)
+    m = data.meta
+    print(f"prepared {data.path}: {m['n_docs']} documents ({m['n_val']} held out), {m['n_tokens']:,} tokens, "
+          f"vocab {m['vocab_size']}")
+
+
+def cmd_cluster(args) -> None:
+    from hiermem.data.prepare import DataDir, prepare
+    from hiermem.routing.clustering import cluster, format_report
+
+    cfg = _config(args)
+    data = prepare(cfg) if not (cfg.data_dir / "prepare.json").is_file() else DataDir(cfg.data_dir)
+    data.check(cfg)
+    report = cluster(cfg, data, progress=not args.quiet)
+    print(f"tree: depth {cfg.routing.depth}, branching {cfg.routing.branching}, {report['n_docs']} documents")
+    print(format_report(report))
+
+
+def cmd_train(args) -> None:
+    from hiermem.train.loop import train
+
+    cfg = _config(args)
+    summary = train(cfg, resume=args.resume, progress=not args.quiet)
+    p = summary["parameters"]
+    acct = f"anchor {p['anchor']:,}"
+    if "bank" in p:
+        acct += f" / fetched {p['fetched']:,} / bank {p['bank']:,}"
+    print(f"trained {cfg.run_dir}: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
+          f"{summary['elapsed_s']:.1f}s, final loss {summary['final_loss']:.4f}; parameters: {acct}")
+
+
+def _memory_mode(args, run) -> str:
+    return args.memory or ("fetched" if run.bank is not None else "none")
+
+
+def cmd_eval(args) -> None:
+    from hiermem.eval.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, memory=args.memory, router=args.router, block_level=args.block_level,
+                          probes=args.probes, max_new_tokens=args.max_new_tokens, device=args.device,
+                          progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(result["text"])
+
+
+def cmd_generate(args) -> None:
+    from hiermem.eval.evaluate import generate_text
+
+    texts = generate_text(args.run, args.prompt, memory=args.memory, router=args.router,
+                          block_level=args.block_level, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          device=args.device)
+    for prompt, text in zip(args.prompt, texts):
+        print(prompt + text)
+
+
+def cmd_params(args) -> None:
+    from hiermem.runs import parameter_report
+
+    cfg = _config(args)
+    if cfg.model.vocab_size == 0:
+        raise HiermemError("params: set model.vocab_size (it is otherwise taken from the tokenizer)")
+    report = parameter_report(cfg)
+    for k, v in report.items():
+        print(f"{k:>8}: {v:,}")
+
+
+def cmd_demo(args) -> None:
+    from hiermem.demo import run_demo
+
+    run_demo(quick=args.quick, out=args.out, jobs=args.jobs, progress=not args.quiet)
+
+
+def cmd_corpus(args) -> None:
+    from hiermem.data.longtail import LongTailConfig, build_corpus, write_corpus
+
+    cfg = LongTailConfig(seed=args.seed, n_entities=args.entities, n_unseen=args.unseen,
+                         n_background=args.background)
+    corpus = build_corpus(cfg)
+    files = write_corpus(corpus, args.out)
+    print(f"wrote {len(corpus.documents)} documents and {len(corpus.probes)} probes to {args.out}: "
+          + ", ".join(sorted(p.name for p in files.values())))
+
+
+def cmd_bench(args) -> None:
+    from hiermem.bench import run_bench
+
+    run_bench(out=args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hiermem", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="read documents, train/load the tokenizer, tokenize, split")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even if the data directory exists")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("cluster", help="embed documents, build the hierarchical k-means tree, route documents")
+    _add_config_args(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("train", help="train the anchor alone or with hierarchical memories")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoint exactly")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="held-out perplexity (and knowledge probes) of a run directory")
+    p.add_argument("run", help="run directory")
+    _add_memory_args(p)
+    p.add_argument("--probes", default=None, help="JSONL of {prompt, answer, optional group/frequency}")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text from a run directory")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--prompt", "-p", action="append", required=True, help="prompt (repeat for a batch)")
+    _add_memory_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("params", help="parameter accounting (anchor / fetched / bank) without allocating")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("demo", help="the long-tail knowledge demo: anchor vs memories, fact by fact")
+    p.add_argument("--quick", action="store_true", help="a small version (< 3 minutes)")
+    p.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
+    p.add_argument("--jobs", type=int, default=2, help="parallel training processes")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("corpus", help="write the long-tail knowledge corpus (real facts + Wikipedia leads) as JSONL")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--entities", type=int, default=2000, help="cities seen in training")
+    p.add_argument("--unseen", type=int, default=250, help="cities never seen (guessing control)")
+    p.add_argument("--background", type=int, default=1500, help="Wikipedia leads as background text")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_corpus)
+
+    p = sub.add_parser("bench", help="speed benchmarks (memory path vs anchor), JSON + table")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--quick", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except HiermemError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""`hiermem prepare`: documents -> tokenizer + token store + train/val split, in a data directory.
+
+<data dir>/
+  tokenizer.json      byte-level BPE (trained on the training split, or a user's tokenizer copied in)
+  documents.jsonl     id + text of every document (the embedder and routers read texts from here)
+  doc_tokens/         flat memory-mapped token store (packing.DocTokens)
+  split.npy           bool per document: True = held out for validation
+  prepare.json        what made this folder (data config, corpus, tokenizer fingerprint)
+A later stage refuses a data directory made by another data config or tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from hiermem.config import Config, diff_fields
+from hiermem.data.packing import DocTokens, token_dtype, write_doc_tokens
+from hiermem.data.readers import Document, read_documents
+from hiermem.data.tokenizer import Tokenizer, train_tokenizer
+from hiermem.errors import HiermemError
+from hiermem.io_utils import atomic_open, atomic_save_npy, atomic_write_json
+
+
+def _prepare_key(cfg: Config) -> dict:
+    d = cfg.data
+    return {"corpus": str(Path(d.corpus).resolve()) if d.corpus else "", "tokenizer": d.tokenizer,
+            "vocab_size": d.vocab_size, "val_fraction": d.val_fraction, "seed": d.seed}
+
+
+def split_mask(n: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Seeded document-level split; at least one validation document when a fraction is asked and n >= 2."""
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n >= 2:
+        n_val = max(1, n_val)
+    is_val = np.zeros(n, dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    return is_val
+
+
+class DataDir:
+    """Read access to a prepared data directory (and, once clustered, its tree and document paths)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta = self.path / "prepare.json"
+        if not meta.is_file():
+            raise HiermemError(f"{self.path}: not a prepared data directory (run `hiermem prepare` first)")
+        self.meta = json.loads(meta.read_text())
+
+    def check(self, cfg: Config) -> None:
+        diffs = diff_fields(self.meta["key"], _prepare_key(cfg))
+        if diffs:
+            raise HiermemError(f"{self.path}: prepared with another data config: {'; '.join(diffs)}")
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.load(self.path / "tokenizer.json")
+
+    def doc_tokens(self) -> DocTokens:
+        return DocTokens(self.path / "doc_tokens")
+
+    def is_val(self) -> np.ndarray:
+        return np.load(self.path / "split.npy")
+
+    def documents(self) -> list[Document]:
+        with open(self.path / "documents.jsonl", encoding="utf-8") as f:
+            return [Document(**json.loads(line)) for line in f]
+
+    def texts(self) -> list[str]:
+        return [d.text for d in self.documents()]
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.meta["n_docs"])
+
+
+def prepare(cfg: Config, force: bool = False) -> DataDir:
+    out = cfg.data_dir
+    if (out / "prepare.json").is_file() and not force:
+        existing = DataDir(out)
+        existing.check(cfg)  # same config: reuse; other config: refuse rather than overwrite
+        return existing
+    if not cfg.data.corpus:
+        raise HiermemError("config: data.corpus is empty (give a .jsonl, .txt, folder or .parquet path)")
+    docs = read_documents(cfg.data.corpus)
+    is_val = split_mask(len(docs), cfg.data.val_fraction, cfg.data.seed)
+    if cfg.data.tokenizer:
+        tok = Tokenizer.load(cfg.data.tokenizer)
+    else:
+        tok = train_tokenizer((d.text for d, v in zip(docs, is_val) if not v), cfg.data.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    # token store first (largest); the metadata file is written last and marks the folder complete
+    texts = [d.text for d in docs]
+    batch = 1024
+    write_doc_tokens(out / "doc_tokens", (ids for i in range(0, len(texts), batch)
+                                          for ids in tok.encode_batch(texts[i:i + batch])),
+                     token_dtype(tok.vocab_size))
+    with atomic_open(out / "documents.jsonl", "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"id": d.id, "text": d.text}, ensure_ascii=False) + "\n")
+    atomic_save_npy(out / "split.npy", is_val)
+    tok.save(out / "tokenizer.json")
+    n_tokens = int(DocTokens(out / "doc_tokens").lengths.sum())
+    atomic_write_json(out / "prepare.json", {
+        "key": _prepare_key(cfg), "n_docs": len(docs), "n_val": int(is_val.sum()), "n_tokens": n_tokens,
+        "tokenizer_fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size})
+    return DataDir(out)

@@ -1,0 +1,100 @@
+"""Byte-level BPE tokenizer: a thin wrapper over HF `tokenizers`, saved as a standard tokenizer.json.
+
+Byte-level pre-tokenisation plus the full 256-symbol initial alphabet means every UTF-8 string encodes
+and decodes back exactly (no unknown token). "<|endoftext|>" (id 0 when trained here) separates
+documents; it is only ever inserted by packing: a literal "<|endoftext|>" inside a document is encoded
+as ordinary text, so user data cannot forge a document boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from hiermem.errors import HiermemError
+from hiermem.io_utils import atomic_write_text
+
+EOS = "<|endoftext|>"
+FILENAME = "tokenizer.json"
+
+
+def _file(path: str | Path) -> Path:
+    """A folder means the tokenizer.json inside it."""
+    path = Path(path)
+    return path / FILENAME if path.is_dir() else path
+
+
+class Tokenizer:
+    def __init__(self, hf: _HFTokenizer, source: str = "tokenizer"):
+        eos = hf.token_to_id(EOS)
+        if eos is None:
+            raise HiermemError(f'{source}: tokenizer has no "{EOS}" token (needed as the document separator)')
+        hf.encode_special_tokens = True  # see module docstring: text never produces the EOS id
+        self._hf = hf
+        self.eos_id: int = eos
+        self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # The "fast" variant skips offset tracking, and both run in parallel in Rust.
+        return [e.ids for e in self._hf.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # EOS stays visible as "<|endoftext|>": decoding is a faithful view of the ids.
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return self._hf.to_str(pretty=True)
+
+    def save(self, path: str | Path) -> Path:
+        """Write tokenizer.json atomically (a folder path gets tokenizer.json inside it)."""
+        path = _file(path)
+        atomic_write_text(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        path = _file(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise HiermemError(f"{path}: no such file or directory") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise HiermemError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        try:
+            hf = _HFTokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises plain Exception on bad JSON / schema
+            first = (str(e).strip().splitlines() or ["invalid"])[0]
+            raise HiermemError(f"{path}: not a valid tokenizer.json ({first})") from None
+        return cls(hf, source=str(path))
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON: identical for the same vocabulary, merges and settings."""
+        canonical = json.dumps(json.loads(self._hf.to_str()), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE on `texts` (streamed). Same input and arguments -> same tokenizer."""
+    n_base = len(pre_tokenizers.ByteLevel.alphabet()) + 1  # 256 bytes + EOS
+    if vocab_size < n_base:
+        raise HiermemError(f"vocab_size must be at least {n_base} (256 byte symbols + {EOS}), got {vocab_size}")
+    hf = _HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS],  # first special token -> id 0
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)

@@ -1,0 +1,91 @@
+"""`hiermem eval` and `hiermem generate` on a run directory."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hiermem.data.prepare import DataDir
+from hiermem.eval.generation import generate_ids
+from hiermem.eval.inference import MemoryContext
+from hiermem.eval.perplexity import perplexity
+from hiermem.runs import Run
+
+
+def _context(run: Run, memory: str | None, router: str | None, block_level: int | None) -> MemoryContext:
+    mode = memory or ("fetched" if run.bank is not None else "none")
+    return MemoryContext(run, mode, router, block_level)
+
+
+def probe_predictor(run: Run, ctx: MemoryContext, max_new_tokens: int = 12, paths_for=None):
+    """predict(records) -> completions: greedy decoding, each probe routed on its route_text (or prompt).
+    paths_for(records) may supply paths directly (the demo's oracle leaf)."""
+    tok = run.tokenizer
+
+    def predict(records: list[dict]) -> list[str]:
+        if ctx.mode == "none":
+            memory = None
+        elif paths_for is not None and ctx.mode == "fetched":
+            memory = ctx.memory_for_paths(paths_for(records))
+        else:
+            memory = ctx.memory_for_texts([r.get("route_text") or r["prompt"] for r in records])
+        ids = generate_ids(run.model, [tok.encode(r["prompt"]) for r in records], memory=memory,
+                           max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
+        return [tok.decode(x) for x in ids]
+
+    return predict
+
+
+def heldout_perplexity(run: Run, ctx: MemoryContext, data: DataDir | None = None, max_docs: int | None = None,
+                       doc_filter=None, progress: bool = False) -> dict:
+    """Perplexity on the run's validation documents, each routed on its full text (as the paper's Wiki-En)."""
+    data = data or DataDir(run.cfg.data_dir)
+    run.check_data(data)
+    idx = np.flatnonzero(data.is_val())
+    texts = data.texts()
+    if doc_filter is not None:
+        idx = np.asarray([i for i in idx if doc_filter(i)], dtype=np.int64)
+    if max_docs is not None:
+        idx = idx[:max_docs]
+    dt = data.doc_tokens()
+    docs = [np.asarray(dt[i]) for i in idx]
+    memory_for = None
+    if ctx.mode != "none":
+        paths = ctx.route([texts[i] for i in idx]) if ctx.mode == "fetched" else np.zeros((len(idx), run.tree.depth), np.int64)
+        memory_for = lambda owners: ctx.memory_for_paths(paths[owners])  # noqa: E731
+    return perplexity(run.model, docs, run.tokenizer.eos_id, run.cfg.data.seq_len, memory_for, progress=progress)
+
+
+def evaluate_run(run_dir: str, memory: str | None = None, router: str | None = None, block_level: int | None = None,
+                 probes: str | None = None, max_new_tokens: int = 12, device: str = "auto",
+                 progress: bool = True) -> dict:
+    from hiermem.eval.probes import evaluate_probes, format_table, load_probes
+
+    run = Run(run_dir, device=device)
+    ctx = _context(run, memory, router, block_level)
+    label = ctx.mode if ctx.mode != "fetched" else f"fetched/{ctx.router_name}"
+    if block_level is not None:
+        label += f"/blocked@{block_level}"
+    result = {"run": str(run.path), "memory": ctx.mode, "router": ctx.router_name, "block_level": block_level,
+              "perplexity": heldout_perplexity(run, ctx, progress=progress)}
+    lines = [f"{run.path} [{label}] held-out perplexity {result['perplexity']['ppl']:.3f} "
+             f"over {result['perplexity']['tokens']:,} tokens ({result['perplexity']['docs']} documents)"]
+    if probes:
+        records = load_probes(probes)
+        res = evaluate_probes(records, probe_predictor(run, ctx, max_new_tokens), progress=progress)
+        result["probes"] = res
+        lines.append(f"probes ({probes}): exact match {res['accuracy']:.1f}% of {res['n']}")
+        lines.append(format_table({label: res}, res["groups"]))
+    result["text"] = "\n".join(lines)
+    return result
+
+
+def generate_text(run_dir: str, prompts: list[str], memory: str | None = None, router: str | None = None,
+                  block_level: int | None = None, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0, seed: int = 0, device: str = "auto") -> list[str]:
+    run = Run(run_dir, device=device)
+    ctx = _context(run, memory, router, block_level)
+    mem = ctx.memory_for_texts(prompts)
+    tok = run.tokenizer
+    ids = generate_ids(run.model, [tok.encode(p) for p in prompts], memory=mem, max_new_tokens=max_new_tokens,
+                       eos_id=tok.eos_id, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    return [tok.decode(x) for x in ids]

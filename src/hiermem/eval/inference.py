@@ -1,0 +1,66 @@
+"""Per-context memory at inference: embed the routing text, route (centroid or knn), fetch the path's blocks.
+
+`--memory fetched` uses the routed path, `generic` the generic block, `none` the anchor alone. A blocking
+level forbids the best-matching subtree at that level (the paper's blocking experiment, Fig. 6b).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hiermem.errors import HiermemError
+from hiermem.model import FetchedMemory
+from hiermem.routing.embedders import make_embedder
+from hiermem.routing.routers import make_router
+from hiermem.runs import Run
+
+MEMORY_MODES = ("fetched", "generic", "none")
+
+
+class MemoryContext:
+    def __init__(self, run: Run, memory: str = "fetched", router: str | None = None, block_level: int | None = None):
+        if memory not in MEMORY_MODES:
+            raise HiermemError(f"--memory {memory!r} is not one of {', '.join(MEMORY_MODES)}")
+        if memory != "none" and run.bank is None:
+            raise HiermemError(f"{run.path}: --memory {memory} needs a run trained with memory (this one has none)")
+        self.run, self.mode, self.block_level = run, memory, block_level
+        self.router_name = router or run.cfg.routing.router
+        self._router = self._embedder = None
+        if block_level is not None and run.tree is not None and not 0 <= block_level < run.tree.depth:
+            raise HiermemError(f"--block-level {block_level} is outside the tree's levels 0..{run.tree.depth - 1}")
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            r = self.run.cfg.routing
+            self._embedder = make_embedder(r.encoder, r.max_tokens, r.long_docs)
+        return self._embedder
+
+    @property
+    def router(self):
+        if self._router is None:
+            doc_emb = doc_paths = None
+            if self.router_name == "knn":
+                c = self.run.clustering()
+                train = ~np.load(c.doc_emb_path.parent.parent / "split.npy")
+                doc_emb, doc_paths = np.asarray(c.doc_emb())[train], c.doc_paths[train]
+            self._router = make_router(self.router_name, self.run.tree, doc_emb=doc_emb, doc_paths=doc_paths,
+                                       k=self.run.cfg.routing.knn_k)
+        return self._router
+
+    def route(self, texts: list[str]) -> np.ndarray:
+        return self.router.route(self.embedder.encode(list(texts)), block_level=self.block_level)
+
+    def memory_for_paths(self, paths: np.ndarray) -> FetchedMemory | None:
+        if self.mode == "none":
+            return None
+        use_generic = torch.full((len(paths),), self.mode == "generic", dtype=torch.bool)
+        return self.run.bank.fetch(np.asarray(paths), use_generic, device=self.run.device).memory
+
+    def memory_for_texts(self, texts: list[str]) -> FetchedMemory | None:
+        if self.mode == "none":
+            return None
+        if self.mode == "generic":
+            return self.memory_for_paths(np.zeros((len(texts), self.run.tree.depth), dtype=np.int64))
+        return self.memory_for_paths(self.route(texts))

@@ -1,0 +1,210 @@
+"""Knowledge probes: prompt -> gold answer, exact-match accuracy by frequency bucket (``hiermem eval --probes``).
+
+A probe file is JSONL, one object per line (blank lines skipped):
+
+* ``prompt`` (str, required) and ``answer`` (str or number, required; numbers become strings);
+* ``group`` (str, optional): the label the probe is reported under; otherwise ``frequency`` (int, optional:
+  training mentions) gives a bucket label (``hiermem.data.longtail.bucket_of``); otherwise "all";
+* ``route_text`` (str, optional): text to route on instead of the prompt; any other field is kept.
+
+The model side is the caller's: ``evaluate_probes`` hands batches of probe records to a ``predict``
+function that decodes (greedily, with whatever model, memory and router) and returns completions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter, defaultdict
+from decimal import Decimal
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from hiermem.data.longtail import bucket_labels, bucket_of
+from hiermem.errors import HiermemError
+
+# A gold answer counts as numeric if it is digits with optional thousands separators and decimals.
+_NUMERIC_GOLD = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# The first number of a completion: properly grouped thousands first, else a plain digit run.
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+# A sentence ends at a newline, or at . ! ? followed by whitespace or the end ("U.S." and "3.5" survive).
+_SENTENCE_END = re.compile(r"\n|[.!?](?=\s|$)")
+_STRIP = string.punctuation + string.whitespace
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_probes(path: str | Path) -> list[dict]:
+    """Read a probe file (see the module docstring); errors name the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HiermemError(f"{path}: cannot read probe file ({e})") from None
+    probes = []
+    for no, line in enumerate(lines, 1):
+        if line.strip():
+            probes.append(_check_probe(line, f"{path}:{no}"))
+    if not probes:
+        raise HiermemError(f"{path}: no probes (empty file)")
+    return probes
+
+
+def _check_probe(line: str, where: str) -> dict:
+    try:
+        rec = json.loads(line)
+    except ValueError as e:
+        raise HiermemError(f"{where}: malformed JSON ({e})") from None
+    if not isinstance(rec, dict):
+        raise HiermemError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key in ("prompt", "answer"):
+        if key not in rec:
+            raise HiermemError(f'{where}: missing required field "{key}"')
+    if not isinstance(rec["prompt"], str) or not rec["prompt"].strip():
+        raise HiermemError(f'{where}: "prompt" must be a non-empty string')
+    ans = rec["answer"]
+    if isinstance(ans, bool) or not isinstance(ans, (str, int, float)):
+        raise HiermemError(f'{where}: "answer" must be a string or a number')
+    if isinstance(ans, float) and ans.is_integer():
+        ans = int(ans)  # 11.0 -> "11", not "11.0"
+    rec["answer"] = str(ans)
+    if not rec["answer"].strip():
+        raise HiermemError(f'{where}: "answer" is empty')
+    for key, typ, name in (("group", str, "a string"), ("route_text", str, "a string"),
+                           ("frequency", int, "an integer")):
+        if key in rec and (not isinstance(rec[key], typ) or isinstance(rec[key], bool)):
+            raise HiermemError(f'{where}: "{key}" must be {name}')
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def _is_numeric(answer: str) -> bool:
+    return _NUMERIC_GOLD.fullmatch(answer.strip()) is not None
+
+
+def _norm_text(text: str) -> str:
+    return " ".join(text.split()).strip(_STRIP).lower()
+
+
+def extract_answer(completion: str, answer: str) -> str:
+    """The prediction that a completion makes for a probe whose gold answer is `answer`.
+
+    * Numeric gold (digits, optional thousands separators and decimals, e.g. "150,000", "11"): the FIRST
+      number in the completion with its thousands separators removed ("about 150,000 people" -> "150000");
+      "" if the completion has no number.
+    * Otherwise: the completion up to its first sentence end (a newline, or '.', '!', '?' followed by
+      whitespace or the end of the text), with whitespace collapsed and surrounding punctuation stripped.
+      A sentence end inside a leading copy of the gold answer does not count ("U.S. Virgin Islands").
+    """
+    if _is_numeric(answer):
+        m = _NUMBER.search(completion)
+        return m.group(0).replace(",", "") if m else ""
+    text, gold = completion.lstrip(" \t"), answer.strip()
+    skip = len(gold) if text.lower().startswith(gold.lower()) else 0  # dots inside the gold ("U.S.")
+    m = _SENTENCE_END.search(text, skip)
+    head = text[: m.start()] if m else text
+    return " ".join(head.split()).strip(_STRIP)
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    """Exact match of the completion's prediction (``extract_answer``) against the gold answer.
+
+    Numbers must be equal as numbers ("1500000" == "1,500,000"; "15,000" != "150,000"). Text is compared
+    case-insensitively, whitespace collapsed and surrounding punctuation stripped; it is correct if the
+    prediction equals the gold answer or starts with it followed by a non-alphanumeric character ("France,
+    in Europe" is right; "Frances" is wrong). An answer that only appears later in the sentence is wrong.
+    """
+    pred = extract_answer(completion, answer)
+    if _is_numeric(answer):
+        return pred != "" and Decimal(pred) == Decimal(answer.strip().replace(",", ""))
+    pred, gold = _norm_text(pred), _norm_text(answer)
+    if not gold or not pred.startswith(gold):
+        return False
+    return len(pred) == len(gold) or not pred[len(gold)].isalnum()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def probe_group(probe: dict) -> str:
+    if "group" in probe:
+        return str(probe["group"])
+    if "frequency" in probe:
+        return bucket_of(int(probe["frequency"]))
+    return "all"
+
+
+def evaluate_probes(probes: list[dict], predict: Callable[[list[dict]], list[str]],
+                    buckets: list[str] | None = None, batch_size: int = 64, progress: bool = True) -> dict:
+    """Score `predict` (probe records -> completions) on `probes`; accuracies are percentages.
+
+    Groups are reported in the order of `buckets` (rarest first; default: the long-tail bucket labels),
+    then any other label in order of first appearance; only labels with probes are listed.
+    """
+    from tqdm.auto import tqdm
+
+    predictions = []
+    with tqdm(total=len(probes), desc="probes", unit="probe", disable=not progress) as bar:
+        for start in range(0, len(probes), batch_size):
+            batch = probes[start:start + batch_size]
+            completions = list(predict(batch))
+            if len(completions) != len(batch):
+                raise ValueError(f"predict returned {len(completions)} completions for {len(batch)} probes")
+            for p, comp in zip(batch, completions):
+                predictions.append({"prompt": p["prompt"], "answer": str(p["answer"]), "completion": comp,
+                                    "correct": is_correct(comp, str(p["answer"])), "group": probe_group(p)})
+            bar.update(len(batch))
+    per_group: dict[str, dict] = defaultdict(lambda: {"n": 0, "correct": 0})
+    for pred in predictions:
+        per_group[pred["group"]]["n"] += 1
+        per_group[pred["group"]]["correct"] += int(pred["correct"])
+    order = list(buckets) if buckets is not None else bucket_labels()
+    groups = [g for g in order if g in per_group] + [g for g in per_group if g not in order]
+    for g in groups:
+        per_group[g]["accuracy"] = 100.0 * per_group[g]["correct"] / per_group[g]["n"]
+    n_correct = sum(p["correct"] for p in predictions)
+    return {"n": len(predictions), "accuracy": 100.0 * n_correct / max(len(predictions), 1),
+            "groups": groups, "per_group": {g: per_group[g] for g in groups}, "predictions": predictions}
+
+
+def leaf_prior(probe_leaves: np.ndarray, probe_answers: list[str], probe_entities: list[str],
+               train_entity_leaves: dict[str, int], train_entity_answers: dict[str, str]) -> np.ndarray:
+    """Per probe: is the most common answer among the OTHER training entities in its routed leaf right?
+
+    The no-model baseline of FEASIBILITY.md (lesson 2): a fact the cluster can give away (a city's country)
+    scores well without any memory. `train_entity_leaves` maps each training entity to its main leaf.
+    Ties go to the alphabetically first answer; a leaf holding no other entity counts as wrong.
+    """
+    by_leaf: dict[int, Counter] = defaultdict(Counter)
+    for ent, leaf in train_entity_leaves.items():
+        if ent in train_entity_answers:
+            by_leaf[int(leaf)][train_entity_answers[ent]] += 1
+    out = np.zeros(len(probe_answers), dtype=bool)
+    for i, (leaf, gold, ent) in enumerate(zip(np.asarray(probe_leaves).tolist(), probe_answers, probe_entities)):
+        counts = Counter(by_leaf.get(int(leaf), Counter()))
+        if train_entity_leaves.get(ent) == leaf and ent in train_entity_answers:
+            counts[train_entity_answers[ent]] -= 1  # leave the probe's own entity out
+        counts = +counts  # drop zero counts
+        if counts:
+            top = max(counts.values())
+            guess = min(a for a, c in counts.items() if c == top)
+            out[i] = is_correct(guess, gold)
+    return out
+
+
+def format_table(results_by_model: dict[str, dict], buckets: list[str] | None = None) -> str:
+    """A plain-text table: one row per model, one column per bucket (accuracy %, one decimal) + overall."""
+    if buckets is None:
+        buckets = []
+        for res in results_by_model.values():
+            buckets += [g for g in res["groups"] if g not in buckets]
+    header = ["model"] + list(buckets) + ["all"]
+    rows = [header]
+    for name, res in results_by_model.items():
+        cells = [f"{res['per_group'][b]['accuracy']:.1f}" if b in res["per_group"] else "-" for b in buckets]
+        rows.append([name] + cells + [f"{res['accuracy']:.1f}"])
+    widths = [max(len(r[j]) for r in rows) for j in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

@@ -1,0 +1,3 @@
+from hiermem.model.fetched import FetchedMemory
+
+__all__ = ["FetchedMemory"]

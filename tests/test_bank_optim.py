@@ -1,0 +1,148 @@
+import numpy as np
+import pytest
+import torch
+
+from hiermem.errors import HiermemError
+from hiermem.memory.bank import BankSpec, MemoryBank
+from hiermem.memory.optim import LazyAdamW
+
+SPEC = BankSpec(d=4, n_layers=2, ranks=(2, 3), branching=2)  # level0: 2 nodes, level1: 4 nodes, + generic
+HYPER = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def grads_for(bank, paths, use_generic=None, seed=0):
+    """Backward of a random linear loss on the fetched weights -> per-block gradients."""
+    f = bank.fetch(np.asarray(paths, np.int64), use_generic, requires_grad=True)
+    coeff = torch.randn(f.memory.weights.shape, generator=torch.Generator().manual_seed(seed))
+    (f.memory.weights * coeff).sum().backward()
+    return bank.block_grads(f)
+
+
+def snapshot(bank, opt):
+    return {k: (bank.part(k).clone(), opt.m[k].clone(), opt.v[k].clone(), opt.steps[k].copy()) for k in bank.parts()}
+
+
+def test_untouched_blocks_stay_bit_identical():
+    bank = MemoryBank.create(SPEC, seed=0)
+    opt = LazyAdamW(bank, lr=1e-2, **HYPER)
+    opt.step(grads_for(bank, [[0, 0], [1, 3]], torch.tensor([False, True]), seed=1))  # non-zero m, v around
+    before = snapshot(bank, opt)
+    updated = opt.step(grads_for(bank, [[0, 1], [0, 2]], seed=2))
+    assert updated == [1, 2]
+    touched = {"level0": {0}, "level1": {1, 2}, "generic": set()}
+    for k, (w, m, v, s) in before.items():
+        for i in range(w.shape[0]):
+            same = [torch.equal(w[i], bank.part(k)[i]), torch.equal(m[i], opt.m[k][i]),
+                    torch.equal(v[i], opt.v[k][i]), s[i] == opt.steps[k][i]]
+            assert same == [i not in touched[k]] * 4, (k, i, same)
+
+
+def test_gradient_of_a_shared_block_is_the_sum_over_sequences():
+    bank = MemoryBank.create(SPEC, seed=0)
+    f = bank.fetch(np.array([[1, 2], [1, 0], [0, 2]]), torch.tensor([False, False, True]), requires_grad=True)
+    coeff = torch.randn(f.memory.weights.shape)
+    (f.memory.weights * coeff).sum().backward()
+    bg = bank.block_grads(f)
+    assert bg.ids["level0"].tolist() == [1] and bg.ids["level1"].tolist() == [0, 2]
+    torch.testing.assert_close(bg.grads["level0"][0], coeff[0, :, :, 0:2] + coeff[1, :, :, 0:2], rtol=0, atol=0)
+    torch.testing.assert_close(bg.grads["level1"][1], coeff[0, :, :, 2:5], rtol=0, atol=0)
+    torch.testing.assert_close(bg.grads["generic"][0], coeff[2], rtol=0, atol=0)
+    want = sum(float(g.pow(2).sum()) for g in bg.grads.values())
+    assert float(bg.norm_sq()) == pytest.approx(want)
+    bg.scale_(0.5)
+    assert float(bg.norm_sq()) == pytest.approx(want / 4)
+
+
+def test_matches_torch_adamw_per_block_with_lazy_step_counts():
+    bank = MemoryBank.create(SPEC, seed=1)
+    opt = LazyAdamW(bank, lr=1e-2, **HYPER)
+    # block level1/0 is fetched at steps 1 and 3 only: its count must be 2 (lazy), not 3
+    batches = [([[0, 0], [0, 1]], None), ([[1, 2], [1, 3]], torch.tensor([False, True])), ([[0, 0], [1, 3]], None)]
+    lrs = [1e-2, 5e-3, 2e-2]
+    tracked = {("level0", 0), ("level1", 0), ("level1", 3), ("generic", 0)}
+    ref = {}
+    for (k, i) in tracked:
+        p = torch.nn.Parameter(bank.part(k)[i].clone())
+        ref[(k, i)] = (p, torch.optim.AdamW([p], lr=1e-2, **HYPER))
+    for step, ((paths, use), lr) in enumerate(zip(batches, lrs)):
+        bg = grads_for(bank, paths, use, seed=10 + step)
+        for (k, i), (p, ref_opt) in ref.items():
+            hit = (bg.ids.get(k, torch.empty(0, dtype=torch.long)) == i).nonzero()
+            if len(hit):
+                p.grad = bg.grads[k][int(hit[0])].clone()
+                ref_opt.param_groups[0]["lr"] = lr
+                ref_opt.step()
+        opt.step(bg, lr)
+    # level1/3 was in a generic row at step 2, so only step 3 touched it
+    assert opt.steps["level1"][0] == 2 and opt.steps["level1"][3] == 1 and opt.steps["level0"][0] == 2
+    assert opt.steps["generic"][0] == 1
+    for (k, i), (p, ref_opt) in ref.items():
+        torch.testing.assert_close(bank.part(k)[i], p.detach(), rtol=0, atol=1e-6)
+        st = ref_opt.state[p]
+        assert int(st["step"]) == opt.steps[k][i]
+        torch.testing.assert_close(opt.m[k][i], st["exp_avg"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(opt.v[k][i], st["exp_avg_sq"], rtol=0, atol=1e-6)
+
+
+def _run(bank, opt, seeds):
+    for s in seeds:
+        g = np.random.default_rng(s)
+        paths = np.stack([g.integers(0, 2, 3), g.integers(0, 4, 3)], axis=1)
+        opt.step(grads_for(bank, paths, torch.from_numpy(g.random(3) < 0.3), seed=s), lr=1e-2 / (1 + s % 3))
+
+
+def _assert_same(a_bank, a_opt, b_bank, b_opt):
+    for k in a_bank.parts():
+        assert torch.equal(a_bank.part(k), b_bank.part(k))
+        assert torch.equal(a_opt.m[k], b_opt.m[k]) and torch.equal(a_opt.v[k], b_opt.v[k])
+        np.testing.assert_array_equal(a_opt.steps[k], b_opt.steps[k])
+
+
+def test_save_load_then_continue_equals_continuing(tmp_path):
+    bank = MemoryBank.create(SPEC, seed=2)
+    opt = LazyAdamW(bank, lr=1e-2, **HYPER)
+    _run(bank, opt, [1, 2])
+    bank.save(tmp_path / "ckpt")
+    opt.save(tmp_path / "ckpt")  # the trainer keeps both in one folder
+    for mmap in (False, True):
+        bank2 = MemoryBank.load(tmp_path / "ckpt", mmap=mmap, cache_levels=0)
+        opt2 = LazyAdamW(bank2, lr=1e-2, state_dir=tmp_path / f"state{mmap}", **HYPER)
+        opt2.load(tmp_path / "ckpt")
+        _assert_same(bank, opt, bank2, opt2)
+        _run(bank2, opt2, [3, 4])
+    _run(bank, opt, [3, 4])
+    _assert_same(bank, opt, bank2, opt2)
+
+    opt3 = LazyAdamW(MemoryBank.create(SPEC, seed=2), lr=1e-2, **HYPER)
+    opt3.load_state_dict(opt.state_dict())
+    for k in bank.parts():
+        assert torch.equal(opt3.m[k], opt.m[k]) and np.array_equal(opt3.steps[k], opt.steps[k])
+
+    other = MemoryBank.create(BankSpec(d=4, n_layers=2, ranks=(2, 4), branching=2), seed=0)
+    with pytest.raises(HiermemError, match=r"adam.json: level1 state has shape \(4, 2, 3, 3, 4\), the bank needs"):
+        LazyAdamW(other, lr=1e-2).load(tmp_path / "ckpt")
+    with pytest.raises(HiermemError, match=r"adam.json: missing"):
+        LazyAdamW(bank, lr=1e-2).load(tmp_path / "nowhere")
+
+
+def test_memory_mapped_bank_trains_saves_and_reloads(tmp_path):
+    d = tmp_path / "bank"
+    disk = MemoryBank.create(SPEC, seed=3, dir=d)
+    ram = MemoryBank.create(SPEC, seed=3)
+    disk_opt, ram_opt = LazyAdamW(disk, lr=1e-2, **HYPER), LazyAdamW(ram, lr=1e-2, **HYPER)
+    assert disk_opt.state_dir == d / "adam" and ram_opt.state_dir is None
+    assert isinstance(np.load(d / "adam" / "m.level1.npy", mmap_mode="r"), np.memmap)
+    _run(disk, disk_opt, [5, 6])
+    _run(ram, ram_opt, [5, 6])
+    _assert_same(disk, disk_opt, ram, ram_opt)
+    disk.save()
+    disk_opt.save()
+    del disk, disk_opt
+
+    back = MemoryBank.load(d, verify="all", cache_levels=1)
+    back_opt = LazyAdamW(back, lr=1e-2, **HYPER)  # reopens the state that lives beside the bank
+    assert back.is_mapped("level1") and back_opt.state_dir == d / "adam"
+    _assert_same(back, back_opt, ram, ram_opt)
+    _run(back, back_opt, [7])
+    _run(ram, ram_opt, [7])
+    _assert_same(back, back_opt, ram, ram_opt)

@@ -1,0 +1,143 @@
+import numpy as np
+import pytest
+
+from hiermem.errors import HiermemError
+from hiermem.routing.routers import CentroidRouter, KnnRouter, Router, _vote, make_router, routing_agreement
+from hiermem.routing.tree import Tree, fit_tree
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def blob_setup():
+    """16 sub-blobs (4 groups of 4) on the 16-d sphere: 25 training points and 5 held-out queries each."""
+    rng = np.random.default_rng(0)
+    tops = unit(rng.standard_normal((4, 16)))
+    train, test, blob_train, blob_test = [], [], [], []
+    for g in range(4):
+        for s, center in enumerate(unit(tops[g] + 0.35 * unit(rng.standard_normal((4, 16))))):
+            pts = unit(center + 0.03 * rng.standard_normal((30, 16)))
+            train.append(pts[:25]), test.append(pts[25:])
+            blob_train += [4 * g + s] * 25
+            blob_test += [4 * g + s] * 5
+    X, Q = np.concatenate(train), np.concatenate(test)
+    tree, paths = fit_tree(X, depth=2, branching=4, seed=0, steps=10, sample=64, progress=False, return_paths=True)
+    # each blob's leaf = the leaf of its training points (the tree test checks it is unique)
+    leaf_of_blob = {b: paths[np.array(blob_train) == b, 1][0] for b in range(16)}
+    target = np.array([leaf_of_blob[b] for b in blob_test])
+    return X, paths, Q, target, tree
+
+
+def test_both_routers_recover_blobs(blob_setup):
+    X, paths, Q, target, tree = blob_setup
+    for router in (CentroidRouter(tree), KnnRouter(tree, X, paths, k=10)):
+        assert isinstance(router, Router)
+        routed = router.route(Q)
+        assert routed.dtype == np.int64 and routed.shape == (len(Q), 2)
+        assert np.array_equal(routed[:, 1], target) and np.array_equal(routed[:, 0], target // 4)
+
+
+def test_document_routes_to_its_own_path(blob_setup):
+    """A training document used as a prompt lands on its training path, under both routers."""
+    X, paths, _, _, tree = blob_setup
+    assert np.array_equal(CentroidRouter(tree).route(X), paths)
+    assert np.array_equal(KnnRouter(tree, X, paths, k=10).route(X), paths)
+
+
+def test_blocking_never_returns_blocked_node(blob_setup):
+    X, paths, Q, _, tree = blob_setup
+    for router in (CentroidRouter(tree), KnnRouter(tree, X, paths, k=10)):
+        base = router.route(Q)
+        for level in (0, 1):
+            blocked = router.route(Q, block_level=level)
+            assert (blocked[:, level] != base[:, level]).all()
+            assert np.array_equal(blocked[:, 0], blocked[:, 1] // 4)  # still a valid path
+    # the centroid router takes the next-best node at the blocked level
+    d0 = ((Q[:, None, :] - tree.centroids[0][None]) ** 2).sum(-1)
+    assert np.array_equal(CentroidRouter(tree).route(Q, block_level=0)[:, 0], np.argsort(d0, axis=1)[:, 1])
+    with pytest.raises(HiermemError, match="block_level"):
+        CentroidRouter(tree).route(Q, block_level=2)
+
+
+def _hand_tree(dim=6):
+    return Tree(1, 4, [np.eye(4, dim, dtype=np.float32)])
+
+
+def _doc(sim, axis, dim=6):
+    """Unit vector with cosine `sim` to e0, the rest along `axis`."""
+    v = np.zeros(dim, dtype=np.float32)
+    v[0], v[axis] = sim, np.sqrt(1 - sim**2)
+    return v
+
+
+def test_knn_vote_weights_decide():
+    tree, q = _hand_tree(), np.eye(1, 6, dtype=np.float32)
+    paths = np.array([[2], [1], [1], [3]])
+    # nearest doc is in leaf 2 (0.9), but leaf 1's two docs sum to 0.95
+    docs = np.stack([_doc(0.9, 1), _doc(0.5, 2), _doc(0.45, 3), _doc(0.3, 4)])
+    assert KnnRouter(tree, docs, paths, k=4).route(q)[0, 0] == 1
+    assert KnnRouter(tree, docs, paths, k=1).route(q)[0, 0] == 2
+    # lower the weights of leaf 1 (0.4 + 0.45 = 0.85 < 0.9): leaf 2 wins
+    docs[1] = _doc(0.4, 2)
+    assert KnnRouter(tree, docs, paths, k=4).route(q)[0, 0] == 2
+
+
+def test_knn_blocking_votes_among_the_rest():
+    tree, q = _hand_tree(), np.eye(1, 6, dtype=np.float32)
+    paths = np.array([[2], [1], [1], [3]])
+    docs = np.stack([_doc(0.9, 1), _doc(0.5, 2), _doc(0.45, 3), _doc(0.3, 4)])
+    router = KnnRouter(tree, docs, paths, k=4)
+    assert router.route(q, block_level=0)[0, 0] == 2  # leaf 1 blocked -> its docs dropped -> leaf 2
+    # every document is in the blocked subtree: fall back to centroid descent with that node excluded
+    only1 = KnnRouter(tree, docs[1:3], paths[1:3], k=2)
+    q2 = unit(np.array([[0, 1, 0.5, 0, 0, 0]], dtype=np.float32))
+    assert only1.route(q2)[0, 0] == 1
+    assert only1.route(q2, block_level=0)[0, 0] == 2  # next-best centroid after the blocked leaf 1
+
+
+def test_vote_ties_go_to_lowest_leaf():
+    leaves = np.array([[3, 1, 5]])
+    sims = np.array([[0.5, 0.5, 0.2]], dtype=np.float32)
+    assert _vote(leaves, sims, np.ones_like(leaves, dtype=bool))[0] == 1
+    assert _vote(leaves, sims, np.array([[True, False, True]]))[0] == 3
+    assert _vote(leaves, sims, np.zeros_like(leaves, dtype=bool))[0] == -1
+
+
+def test_knn_exact_duplicate_rule():
+    tree = _hand_tree()
+    v = _doc(0.6, 1)
+    rng = np.random.default_rng(0)
+    near = unit(v + 0.05 * rng.standard_normal((5, 6)))  # 5 close docs in leaf 1 outvote v's leaf 3
+    docs = np.concatenate([v[None], near])
+    paths = np.array([[3]] + [[1]] * 5)
+    router = KnnRouter(tree, docs, paths, k=6)
+    assert router.route(v[None])[0, 0] == 3
+    assert router.route(unit(v + 0.01 * rng.standard_normal(6))[None])[0, 0] == 1
+
+
+def test_make_router_and_errors(blob_setup):
+    X, paths, _, _, tree = blob_setup
+    assert make_router("centroid", tree).name == "centroid"
+    assert make_router("knn", tree, X, paths, k=5).name == "knn:k=5"
+    with pytest.raises(HiermemError, match=r"--router.*routing\.router.*centroid, knn"):
+        make_router("oracle", tree)
+    with pytest.raises(HiermemError, match="knn"):
+        make_router("knn", tree)
+    with pytest.raises(HiermemError, match="paths"):
+        KnnRouter(tree, X, paths[:, ::-1], k=5)  # not root-to-leaf paths
+    with pytest.raises(HiermemError, match="shape"):
+        KnnRouter(tree, X[:, :8], paths)
+
+
+def test_routing_agreement(blob_setup):
+    X, paths, Q, target, tree = blob_setup
+    for router in (CentroidRouter(tree), KnnRouter(tree, X, paths)):
+        good = routing_agreement(router, Q, target)
+        assert good == {"leaf": 1.0, "levels": [1.0, 1.0], "n": len(Q)}
+        # the neighbouring leaf id: same parent except for the last child of each node (4 of 16 leaves)
+        shifted = routing_agreement(router, Q, (target + 1) % 16)
+        assert shifted["leaf"] == 0.0 and shifted["levels"] == [0.75, 0.0]
+    with pytest.raises(HiermemError, match="queries"):
+        routing_agreement(CentroidRouter(tree), Q, target[:3])

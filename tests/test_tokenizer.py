@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from hiermem.data.tokenizer import EOS, Tokenizer, train_tokenizer
+from hiermem.errors import HiermemError
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Paris is the capital of France; population 2,102,650 (2023).",
+    "Zürich, Kraków, 東京, Москва — naïve café résumé 🎉",
+    "def f(x):\n\treturn x ** 2  # trailing   spaces   \n\n",
+    "Numbers: 0 1 12 123 1234 3.14159 -42 1e-9",
+]
+ROUND_TRIP = [
+    "",
+    " leading and trailing ",
+    "tabs\tand\nnewlines\r\n\n  indented",
+    "unicode: 東京 Москва 🎉👩‍👩‍👧 e\u0301",
+    "numbers 9876543210 0.000001 ½",
+    "never seen: ǅ ༀ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    f"a literal {EOS} in text",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(CORPUS, vocab_size=300, min_frequency=1)
+
+
+def test_round_trip(tok):
+    for text in ROUND_TRIP:
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode_batch(ROUND_TRIP) == [tok.encode(t) for t in ROUND_TRIP]
+
+
+def test_eos_and_vocab(tok):
+    assert tok.eos_id == 0
+    assert 257 < tok.vocab_size <= 300
+    assert tok.eos_id not in tok.encode(f"x {EOS} y")  # text cannot forge a document boundary
+    assert tok.decode([tok.eos_id]) == EOS
+    assert max(i for t in CORPUS for i in tok.encode(t)) < tok.vocab_size
+
+
+def test_save_load(tok, tmp_path):
+    path = tok.save(tmp_path / "tokenizer.json")
+    assert json.loads(path.read_text())  # a plain tokenizer.json
+    loaded = Tokenizer.load(path)
+    assert loaded.fingerprint() == tok.fingerprint()
+    assert loaded.encode_batch(ROUND_TRIP) == tok.encode_batch(ROUND_TRIP)
+    assert Tokenizer.load(tmp_path).fingerprint() == tok.fingerprint()  # folder -> tokenizer.json in it
+    assert not [p for p in tmp_path.iterdir() if p.name != "tokenizer.json"]  # no temp files left
+
+
+def test_deterministic_and_sensitive(tok):
+    again = train_tokenizer(CORPUS, vocab_size=300, min_frequency=1)
+    assert again.fingerprint() == tok.fingerprint()
+    other = train_tokenizer(CORPUS[:2], vocab_size=300, min_frequency=1)
+    assert other.fingerprint() != tok.fingerprint()
+
+
+def test_load_errors(tmp_path, tok):
+    missing = tmp_path / "nope.json"
+    with pytest.raises(HiermemError, match=rf"nope.json: no such file or directory"):
+        Tokenizer.load(missing)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(HiermemError, match=r"bad.json: not a valid tokenizer.json \(") as e:
+        Tokenizer.load(bad)
+    assert "\n" not in str(e.value)
+    no_eos = json.loads(tok.to_json())
+    no_eos["added_tokens"] = []
+    del no_eos["model"]["vocab"][EOS]
+    p = tmp_path / "noeos.json"
+    p.write_text(json.dumps(no_eos))
+    with pytest.raises(HiermemError, match=r'noeos.json: tokenizer has no "<\|endoftext\|>" token'):
+        Tokenizer.load(p)
+
+
+def test_vocab_too_small():
+    with pytest.raises(HiermemError, match="vocab_size must be at least 257"):
+        train_tokenizer(CORPUS, vocab_size=100)
