@@ -142,6 +142,22 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
         back.check_compatible(other)
 
 
+def test_in_place_save_after_a_save_elsewhere_writes_ram_parts(tmp_path):
+    """A checkpoint copy (save into another folder) must not make the next in-place save skip a part held
+    in RAM (cached level, generic) that was written before that copy."""
+    MemoryBank.create(SPEC, seed=1).save(tmp_path / "bank")
+    bank = MemoryBank.load(tmp_path / "bank", mmap=True, cache_levels=1)
+    assert not bank.is_mapped("level0") and not bank.is_mapped("generic")
+    bank.write_blocks("level0", torch.tensor([2]), torch.full((1, 2, 3, 3, 8), 7.0))
+    bank.write_blocks("generic", torch.tensor([0]), torch.full((1, 2, 3, 5, 8), 3.0))
+    bank.save(tmp_path / "checkpoint")
+    bank.save()
+    for folder in ("bank", "checkpoint"):
+        again = MemoryBank.load(tmp_path / folder, verify="all", mmap=False)
+        for k in bank.parts():
+            assert torch.equal(again.part(k), bank.part(k)), (folder, k)
+
+
 def _flip_byte(path, key_shape, block, byte_in_block=5):
     offset = np.load(path, mmap_mode="r").offset
     block_bytes = int(np.prod(key_shape[1:])) * 4

@@ -137,3 +137,21 @@ def test_leaf_prior_hand_made():
 def test_leaf_prior_numeric_answers_compare_as_numbers():
     got = leaf_prior(np.array([0]), ["150,000"], ["p"], {"a": 0}, {"a": "150000"})
     assert got.tolist() == [True]
+
+
+def test_answer_complete_never_stops_before_the_prediction_is_final():
+    """If decoding stops where answer_complete says so, no continuation could change the prediction."""
+    from hiermem.eval.probes import answer_complete
+
+    cases = [("150,000", [" 150", ",000", ".", " It", " is"]), ("France", [" Fr", "ance", ".", " The"]),
+             ("U.S. Virgin Islands", [" U", ".S", ".", " Virgin", " Islands", ".", " x"]),
+             ("3.5", [" 3", ".", "5", " people"]), ("42", [" 4", "2", ",", " and"])]
+    tails = ["", "0", ",000", ".5", " more", "\n", ". Next"]
+    for gold, pieces in cases:
+        text = ""
+        for piece in pieces:
+            text += piece
+            if answer_complete(text, gold):
+                for tail in tails:
+                    assert extract_answer(text + tail, gold) == extract_answer(text, gold), (text, tail)
+        assert answer_complete(text, gold), (gold, text)

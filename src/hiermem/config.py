@@ -52,6 +52,7 @@ class MemoryConfig:
     weight_decay: float = 1e-3
     mmap: bool = False  # keep the bank (and its optimizer state) in memory-mapped files
     cache_levels: int = 1  # shallow levels copied into RAM when the bank is memory-mapped
+    dispatch: str = "auto"  # gather (per-sequence copies) | grouped (by node) | auto: grouped on CUDA, else gather
 
 
 @dataclass
@@ -78,6 +79,7 @@ class DataConfig:
     seq_len: int = 128
     val_fraction: float = 0.05
     seed: int = 0
+    packing: str = "auto"  # "leaf": sequences from one leaf only; "flat": any documents; auto = leaf iff memory
 
 
 @dataclass
@@ -126,6 +128,10 @@ class Config:
     def uses_memory(self) -> bool:
         return self.train.mode != "anchor" and any(r > 0 for r in self.memory.ranks)
 
+    @property
+    def pack_by_leaf(self) -> bool:
+        return self.data.packing == "leaf" or (self.data.packing == "auto" and self.uses_memory)
+
 
 _CHOICES = {
     "train.mode": ("anchor", "frozen", "cotrain", "scratch"),
@@ -135,6 +141,7 @@ _CHOICES = {
     "routing.long_docs": ("truncate", "mean_chunks"),
     "routing.router": ("knn", "centroid"),
     "memory.generic_sampling": ("sequence", "batch"),
+    "memory.dispatch": ("auto", "gather", "grouped"),
 }
 
 
@@ -187,6 +194,8 @@ def validate(cfg: Config) -> Config:
         raise HiermemError(f"config: memory.generic_prob must be in [0, 1) (got {mem.generic_prob})")
     if t.mode != "anchor" and not any(x > 0 for x in mem.ranks):
         raise HiermemError(f"config: train.mode={t.mode} needs memory.ranks with a non-zero level")
+    if cfg.data.packing == "flat" and t.mode != "anchor":
+        raise HiermemError(f"config: data.packing=flat cannot feed train.mode={t.mode}: memory runs pack by leaf")
     if t.mode == "frozen" and not t.init_from:
         raise HiermemError("config: train.mode=frozen needs train.init_from (a trained anchor run directory)")
     return cfg

@@ -82,7 +82,7 @@ def load_clustering(data: DataDir, cfg: Config, required: bool) -> Clustering | 
             raise HiermemError(f"{data.path}: no tree yet (run `hiermem cluster` with this config first)")
         return None
     meta = json.loads((folder / "cluster.json").read_text())
-    diffs = diff_fields(meta["routing"], routing_key(cfg))
+    diffs = diff_fields(meta["routing"], routing_key(cfg), "routing.")  # every key is a routing.* field
     if diffs:
         if required:
             raise HiermemError(f"{folder}: clustered with another routing config: {'; '.join(diffs)}")
@@ -92,8 +92,8 @@ def load_clustering(data: DataDir, cfg: Config, required: bool) -> Clustering | 
 
 
 def ensure_packed(data: DataDir, cfg: Config, clustering: Clustering | None, split: str) -> PackedDataset:
-    """Packed sequences for a split, cached by (seq_len, tree). With a tree, documents are packed per leaf so
-    that anchor-only and memory runs see exactly the same sequences."""
+    """Packed sequences for a split, cached by (seq_len, tree). With a clustering, documents are packed per leaf
+    (one path per sequence, the paper's App. A.2); without, in corpus order."""
     tree_id = clustering.tree.fingerprint() if clustering is not None else "flat"
     key = hashlib.sha256(f"{split}:{cfg.data.seq_len}:{tree_id}".encode()).hexdigest()[:12]
     out = data.path / "packed" / f"{split}-{key}"

@@ -96,6 +96,8 @@ class LongTailConfig:
     min_population: int = 15_000
     max_per_country: int = 16  # FEASIBILITY.md had 14, but 14 leaves < 2,250 unambiguous names (~2,160)
     elements: bool = False  # also 118 elements with atomic-number facts (METHOD.md 6.1), Zipf-mentioned
+    n_heldout_background: int = 200  # Wikipedia leads never trained on: held-out perplexity on real text
+    n_heldout_facts: int = 300  # fresh fact documents about seen cities: held-out perplexity on facts
 
 
 @dataclass
@@ -105,6 +107,7 @@ class Corpus:
     entities: list[dict]
     buckets: list[str]
     config: LongTailConfig = field(default_factory=LongTailConfig)
+    heldout: list[dict] = field(default_factory=list)  # never in `documents`; for held-out perplexity
 
 
 # ---------------------------------------------------------------------------------------------- buckets
@@ -324,9 +327,10 @@ def build_corpus(cfg: LongTailConfig | None = None) -> Corpus:
         raise HiermemError("long-tail config: n_entities >= 1, n_unseen >= 0, n_background >= 0 and "
                            "min_mentions >= 1 are required")
     rng = random.Random(cfg.seed)
-    background = load_background(cfg.n_background, cfg.background_words, rng)
+    background = load_background(cfg.n_background + cfg.n_heldout_background, cfg.background_words, rng)
+    background, heldout_background = background[:cfg.n_background], background[cfg.n_background:]
     elements = load_elements() if cfg.elements else []
-    forbidden = [b["text"] for b in background] + _ALL_TEMPLATES + [el["name"] for el in elements]
+    forbidden = [b["text"] for b in background + heldout_background] + _ALL_TEMPLATES + [el["name"] for el in elements]
     countries = _country_names()
     chosen = _select_cities(cfg, candidate_cities(cfg, forbidden), rng)
 
@@ -364,9 +368,18 @@ def build_corpus(cfg: LongTailConfig | None = None) -> Corpus:
     documents += [{"id": f"bg-{k:05d}", "text": b["text"], "entity": None, "kind": "background"}
                   for k, b in enumerate(background)]
     rng.shuffle(documents)  # mix facts and background so that no stretch of training is one entity
+    # held-out fact documents: new samples of the same templates for seen cities (a separate rng, so the
+    # training documents above do not depend on how many are asked for)
+    held_rng = random.Random(cfg.seed + 7919)
+    seen_cities = [e for e in entities if e["kind"] == "city" and e["mentions"] > 0]
+    picked = held_rng.sample(seen_cities, min(cfg.n_heldout_facts, len(seen_cities)))
+    heldout = [{"id": f"heldout-fact-{k:05d}", "text": _city_docs({**e, "mentions": 1}, held_rng, cfg)[0],
+                "entity": e["name"], "kind": "fact"} for k, e in enumerate(picked)]
+    heldout += [{"id": f"heldout-bg-{k:05d}", "text": b["text"], "entity": None, "kind": "background"}
+                for k, b in enumerate(heldout_background)]
     present = {p["group"] for p in probes}
     buckets = [b for b in bucket_labels() if b in present]
-    return Corpus(documents, probes, entities, buckets, cfg)
+    return Corpus(documents, probes, entities, buckets, cfg, heldout)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -380,8 +393,10 @@ def write_corpus(corpus: Corpus, out_dir: str | Path) -> dict[str, Path]:
     """Write corpus.jsonl, probes.jsonl (all facts), probes_<fact>.jsonl (one fact type each) and
     entities.json ({"config", "buckets", "entities"}), each atomically. Returns the paths by name."""
     out = Path(out_dir)
-    paths = {"corpus": out / "corpus.jsonl", "probes": out / "probes.jsonl", "entities": out / "entities.json"}
+    paths = {"corpus": out / "corpus.jsonl", "probes": out / "probes.jsonl", "entities": out / "entities.json",
+             "heldout": out / "heldout.jsonl"}
     _write_jsonl(paths["corpus"], corpus.documents)
+    _write_jsonl(paths["heldout"], corpus.heldout)
     _write_jsonl(paths["probes"], corpus.probes)
     for fact in sorted({p["fact"] for p in corpus.probes}):
         paths[f"probes_{fact}"] = out / f"probes_{fact}.jsonl"
@@ -396,9 +411,9 @@ def load_corpus(out_dir: str | Path) -> Corpus:
     out = Path(out_dir)
     try:
         meta = json.loads((out / "entities.json").read_text(encoding="utf-8"))
-        docs, probes = ([json.loads(line) for line in (out / name).read_text(encoding="utf-8").splitlines() if line]
-                        for name in ("corpus.jsonl", "probes.jsonl"))
+        docs, probes, heldout = ([json.loads(line) for line in (out / name).read_text(encoding="utf-8").splitlines()
+                                  if line] for name in ("corpus.jsonl", "probes.jsonl", "heldout.jsonl"))
         cfg = LongTailConfig(**meta["config"])
-        return Corpus(docs, probes, meta["entities"], meta["buckets"], cfg)
+        return Corpus(docs, probes, meta["entities"], meta["buckets"], cfg, heldout)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise HiermemError(f"{out}: not a long-tail corpus folder ({e})") from None

@@ -51,7 +51,7 @@ class DataDir:
         self.meta = json.loads(meta.read_text())
 
     def check(self, cfg: Config) -> None:
-        diffs = diff_fields(self.meta["key"], _prepare_key(cfg))
+        diffs = diff_fields(self.meta["key"], _prepare_key(cfg), "data.")  # every key is a data.* field
         if diffs:
             raise HiermemError(f"{self.path}: prepared with another data config: {'; '.join(diffs)}")
 
@@ -91,7 +91,9 @@ def prepare(cfg: Config, force: bool = False) -> DataDir:
     else:
         tok = train_tokenizer((d.text for d, v in zip(docs, is_val) if not v), cfg.data.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
-    # token store first (largest); the metadata file is written last and marks the folder complete
+    # token store first (largest); the metadata file is written last and marks the folder complete, so a
+    # forced rebuild first removes the old one: a rebuild that dies midway must not look complete
+    (out / "prepare.json").unlink(missing_ok=True)
     texts = [d.text for d in docs]
     batch = 1024
     write_doc_tokens(out / "doc_tokens", (ids for i in range(0, len(texts), batch)

@@ -17,8 +17,11 @@ def _context(run: Run, memory: str | None, router: str | None, block_level: int 
 
 
 def probe_predictor(run: Run, ctx: MemoryContext, max_new_tokens: int = 12, paths_for=None):
-    """predict(records) -> completions: greedy decoding, each probe routed on its route_text (or prompt).
+    """predict(records) -> completions: greedy decoding, each probe routed on its route_text (or prompt),
+    stopping at the end of the first sentence (the answer-extraction rule never looks further).
     paths_for(records) may supply paths directly (the demo's oracle leaf)."""
+    from hiermem.eval.probes import answer_complete
+
     tok = run.tokenizer
 
     def predict(records: list[dict]) -> list[str]:
@@ -28,8 +31,10 @@ def probe_predictor(run: Run, ctx: MemoryContext, max_new_tokens: int = 12, path
             memory = ctx.memory_for_paths(paths_for(records))
         else:
             memory = ctx.memory_for_texts([r.get("route_text") or r["prompt"] for r in records])
+        answers = [str(r["answer"]) for r in records]
         ids = generate_ids(run.model, [tok.encode(r["prompt"]) for r in records], memory=memory,
-                           max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
+                           max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
+                           stop_fn=lambda i, new: answer_complete(tok.decode(new), answers[i]))
         return [tok.decode(x) for x in ids]
 
     return predict

@@ -31,7 +31,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 @torch.no_grad()
 def generate_ids(model: Transformer, prompts: list[list[int]], memory: FetchedMemory | None = None,
                  max_new_tokens: int = 16, eos_id: int | None = None, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+                 top_p: float = 1.0, seed: int = 0, stop_fn=None) -> list[list[int]]:
+    """Continue each prompt (token ids). A row stops at eos (dropped) or once stop_fn(row, new_ids) is true;
+    decoding ends when every row has stopped or after max_new_tokens."""
     device = next(model.parameters()).device
     B = len(prompts)
     longest = max(len(p) for p in prompts)
@@ -60,10 +62,12 @@ def generate_ids(model: Transformer, prompts: list[list[int]], memory: FetchedMe
         for i in range(B):
             if not done[i]:
                 out[i].append(int(nxt[i]))
+                if stop_fn is not None and stop_fn(i, out[i]):
+                    done[i] = True
         if eos_id is not None:
             done |= nxt == eos_id
-            if bool(done.all()):
-                break
+        if bool(done.all()):
+            break
         ids = torch.cat([ids, nxt[:, None]], 1)
         seg = torch.cat([seg, torch.zeros(B, 1, dtype=torch.long, device=device)], 1)
     if eos_id is not None:

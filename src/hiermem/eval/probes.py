@@ -108,6 +108,20 @@ def extract_answer(completion: str, answer: str) -> str:
     return " ".join(head.split()).strip(_STRIP)
 
 
+def answer_complete(completion: str, answer: str) -> bool:
+    """True once more text could not change ``extract_answer`` (decoding may stop there): a sentence has
+    ended, or, for a numeric gold answer, a number has been followed by something that cannot extend it."""
+    if _is_numeric(answer):
+        m = _NUMBER.search(completion)
+        if m and re.match(r"[^\d,.]|[,.][^\d]", completion[m.end():m.end() + 2]):
+            return True
+    text, gold = completion.lstrip(" \t"), answer.strip()
+    if gold.lower().startswith(text.lower()):  # may still grow into the gold answer ("U.S. Vir...")
+        return False
+    skip = len(gold) if text.lower().startswith(gold.lower()) else 0
+    return _SENTENCE_END.search(text, skip) is not None and not text[skip:].endswith((".", "!", "?"))
+
+
 def is_correct(completion: str, answer: str) -> bool:
     """Exact match of the completion's prediction (``extract_answer``) against the gold answer.
 

@@ -26,6 +26,7 @@ import torch
 
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_path, atomic_write_json
+from hiermem.memory.dispatch import GroupedMemory, MemoryPart
 from hiermem.model.fetched import DOWN, FetchedMemory
 
 GENERIC = "generic"
@@ -188,9 +189,10 @@ def _init_block(spec: BankSpec, seed: int, key: str, i: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Fetch:
-    """One batch's fetched memory plus what block_grads/refresh need to map rows back to blocks."""
+    """One batch's fetched memory plus what block_grads/refresh need to map rows back to blocks.
+    memory is a FetchedMemory (fetch: per-sequence copies) or a GroupedMemory (fetch_grouped)."""
 
-    memory: FetchedMemory
+    memory: FetchedMemory | GroupedMemory
     paths: torch.Tensor  # [B, depth] int64 (cpu)
     path_rows: torch.Tensor  # batch rows that use their path's blocks
     generic_rows: torch.Tensor  # batch rows that use the generic block
@@ -234,6 +236,7 @@ class MemoryBank:
         self._crc = checksums  # crc32 of every clean block
         n = {k: spec.part_shape(k)[0] for k in arrays}
         self._dirty = {k: np.zeros(n[k], bool) for k in arrays}  # written since the checksums were taken
+        self._unsaved: set[str] = set()  # parts written since the last save into the bank's own folder
         self._verified = {k: np.full(n[k], verified) for k in arrays}
         self._version = {k: np.zeros(n[k], np.int64) for k in arrays}
         self.fetch_counts = [np.zeros(spec.n_nodes(l), np.int64) for l in range(spec.depth)]
@@ -379,6 +382,7 @@ class MemoryBank:
         t.index_copy_(0, ids.to(t.device), values.to(t.device, t.dtype))
         ids_np = ids.numpy()
         self._dirty[key][ids_np] = True
+        self._unsaved.add(key)
         self._verified[key][ids_np] = True  # the content is now ours, not the manifest's
         self._version[key][ids_np] += 1  # after the write: a concurrent reader compares and re-reads
 
@@ -405,15 +409,8 @@ class MemoryBank:
         """Gather each sequence's path blocks, concatenated along the rank axis in level order
         (or the generic block where use_generic is True) -> FetchedMemory weights [B, n_mem_layers, 3, R, d]."""
         spec = self.spec
-        paths = self._check_paths(paths)
+        paths, path_rows, generic_rows = self._rows(paths, use_generic)
         B = paths.shape[0]
-        gen = torch.zeros(B, dtype=torch.bool) if use_generic is None else torch.as_tensor(use_generic).cpu()
-        if gen.shape != (B,):
-            raise HiermemError(f"use_generic: expected shape [{B}], got {tuple(gen.shape)}")
-        gen = gen.bool()
-        if gen.any() and not spec.generic:
-            raise HiermemError("use_generic: this bank has no generic block (memory.generic is false)")
-        path_rows, generic_rows = (~gen).nonzero().squeeze(1), gen.nonzero().squeeze(1)
         src, out = self.device, torch.device(device)
         pin = src.type == "cpu" and out.type == "cuda"  # pinned staging -> asynchronous host-to-device copy
         w = torch.empty((B, spec.n_mem_layers, 3, spec.fetched_rank, spec.d), device=src, pin_memory=pin)
@@ -435,8 +432,58 @@ class MemoryBank:
             f.memory.weights.requires_grad_(True)
         return f
 
+    def _rows(self, paths, use_generic) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Checked paths [B, depth] (cpu int64), the rows using their path and the rows using the generic block."""
+        paths = self._check_paths(paths)
+        B = paths.shape[0]
+        gen = torch.zeros(B, dtype=torch.bool) if use_generic is None else torch.as_tensor(use_generic).cpu()
+        if gen.shape != (B,):
+            raise HiermemError(f"use_generic: expected shape [{B}], got {tuple(gen.shape)}")
+        gen = gen.bool()
+        if gen.any() and not self.spec.generic:
+            raise HiermemError("use_generic: this bank has no generic block (memory.generic is false)")
+        return paths, (~gen).nonzero().squeeze(1), gen.nonzero().squeeze(1)
+
+    def fetch_grouped(self, paths: np.ndarray | torch.Tensor, use_generic: torch.Tensor | None = None,
+                      device: str | torch.device = "cpu", requires_grad: bool = False) -> Fetch:
+        """Like fetch, but grouped by node (memory/dispatch.py): each distinct block is read once, as one leaf
+        [U_l, n_mem_layers, 3, r_l, d] per level (+ the generic block [1, ...] if some row uses it), with each
+        row's index into it. No [B, ...] copy is made; block_grads reads the leaves' gradients directly."""
+        spec = self.spec
+        paths, path_rows, generic_rows = self._rows(paths, use_generic)
+        B, out = paths.shape[0], torch.device(device)
+        f = Fetch(None, paths, path_rows, generic_rows, {}, {}, {})  # type: ignore[arg-type]
+        parts = []
+        for key, level, off, r in spec.level_parts():
+            uniq, inv = torch.unique(paths[path_rows, level], return_inverse=True)
+            f.node_ids[key], f.inverse[key] = uniq, inv
+            f.versions[key] = self._version[key][uniq.numpy()].copy()  # before reading (see write_blocks)
+            index = torch.full((B,), -1, dtype=torch.int64)
+            index[path_rows] = inv
+            parts.append(MemoryPart(self.read_blocks(key, uniq).to(out), index, off, key))  # index stays on cpu
+        if len(generic_rows):
+            f.versions[GENERIC] = self._version[GENERIC].copy()
+            index = torch.full((B,), -1, dtype=torch.int64)
+            index[generic_rows] = 0
+            block = self.read_blocks(GENERIC, torch.zeros(1, dtype=torch.long))
+            parts.append(MemoryPart(block.to(out), index, 0, GENERIC))
+        if requires_grad:
+            for p in parts:
+                p.weights.requires_grad_(True)
+        f.memory = GroupedMemory(parts, spec.fetched_rank, spec.first_layer)
+        return f
+
     def refresh(self, f: Fetch) -> Fetch:
         """Re-read, in place, any block of f written since f was gathered (a prefetch that raced a step)."""
+        if isinstance(f.memory, GroupedMemory):
+            with torch.no_grad():
+                for p in f.memory.parts:
+                    ids = f.node_ids[p.name] if p.name != GENERIC else torch.zeros(1, dtype=torch.long)
+                    stale = np.nonzero(self._version[p.name][ids.numpy()] != f.versions[p.name])[0]
+                    for j in stale.tolist():
+                        f.versions[p.name][j] = self._version[p.name][int(ids[j])]
+                        p.weights[j] = self.read_blocks(p.name, ids[j:j + 1])[0].to(p.weights.device)
+            return f
         w = f.memory.weights
         with torch.no_grad():
             for key, level, off, r in self.spec.level_parts():
@@ -461,7 +508,10 @@ class MemoryBank:
         self.generic_fetch_count += len(f.generic_rows)
 
     def block_grads(self, f: Fetch) -> BlockGrads:
-        """Sum f.weights.grad over the sequences that share a block: one gradient per distinct block."""
+        """Sum f.weights.grad over the sequences that share a block: one gradient per distinct block.
+        For a grouped fetch the leaves' gradients already are per distinct block."""
+        if isinstance(f.memory, GroupedMemory):
+            return self._block_grads_grouped(f)
         g = f.memory.weights.grad
         if g is None:
             raise RuntimeError("block_grads: fetch.memory.weights has no .grad "
@@ -480,6 +530,21 @@ class MemoryBank:
         if len(f.generic_rows):
             gg = g.index_select(0, f.generic_rows.to(g.device)).float().sum(0, keepdim=True)
             out.ids[GENERIC], out.grads[GENERIC] = torch.zeros(1, dtype=torch.long), gg.to(self.device)
+        return out
+
+    def _block_grads_grouped(self, f: Fetch) -> BlockGrads:
+        out = BlockGrads({}, {})
+        for p in f.memory.parts:
+            if not len(p.weights):
+                continue
+            g = p.weights.grad
+            if g is None:
+                if not p.weights.requires_grad:
+                    raise RuntimeError("block_grads: the grouped fetch has no gradients "
+                                       "(fetch_grouped with requires_grad=True and call backward first)")
+                g = torch.zeros_like(p.weights)  # fetched but unused by the forward (e.g. no row reached it)
+            out.ids[p.name] = f.node_ids[p.name] if p.name != GENERIC else torch.zeros(1, dtype=torch.long)
+            out.grads[p.name] = g.float().to(self.device)
         return out
 
     def _check_paths(self, paths: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -528,8 +593,11 @@ class MemoryBank:
             path = dir / f"{key}.npy"
             if in_place and key in self._maps:
                 self._maps[key].flush()
-            elif not in_place or len(changed) or not path.is_file():
+            elif not in_place or key in self._unsaved or not path.is_file():
+                # (not `changed`: a save into another folder, e.g. a checkpoint, has cleared it meanwhile)
                 save_npy(path, self._maps[key] if key in self._maps else t.cpu().numpy())
+            if in_place:
+                self._unsaved.discard(key)
         atomic_write_json(dir / MANIFEST, self._manifest())
 
     def __repr__(self) -> str:
@@ -545,8 +613,10 @@ class Prefetcher:
     exactly what bank.fetch would return at that moment.
     """
 
-    def __init__(self, bank: MemoryBank, device: str | torch.device = "cpu", requires_grad: bool = False):
+    def __init__(self, bank: MemoryBank, device: str | torch.device = "cpu", requires_grad: bool = False,
+                 grouped: bool = False):
         self.bank, self.device, self.requires_grad = bank, device, requires_grad
+        self._fetch = bank.fetch_grouped if grouped else bank.fetch
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hiermem-prefetch")
         self._pending: concurrent.futures.Future | None = None
 
@@ -555,7 +625,7 @@ class Prefetcher:
             raise RuntimeError("Prefetcher.submit: collect the previous batch with result() first")
         paths = torch.as_tensor(paths).clone()  # the caller may reuse its buffer
         use_generic = None if use_generic is None else torch.as_tensor(use_generic).clone()
-        self._pending = self._pool.submit(self.bank.fetch, paths, use_generic, self.device)
+        self._pending = self._pool.submit(self._fetch, paths, use_generic, self.device)
 
     def result(self) -> Fetch:
         if self._pending is None:
@@ -563,7 +633,9 @@ class Prefetcher:
         fut, self._pending = self._pending, None
         f = self.bank.refresh(fut.result())
         if self.requires_grad:
-            f.memory.weights.requires_grad_(True)
+            for w in ([p.weights for p in f.memory.parts] if isinstance(f.memory, GroupedMemory)
+                      else [f.memory.weights]):
+                w.requires_grad_(True)
         return f
 
     def close(self) -> None:

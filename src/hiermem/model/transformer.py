@@ -7,7 +7,8 @@ counts exactly (METHOD.md §2.1).
 The one addition for hierarchical memories: every FFN accepts optional per-sequence extra hidden neurons
 (a FetchedMemory, METHOD.md §2.2). Concatenating r neurons to the inner dimension of W1, W2, W3 is the same
 as adding a branch C·(silu(A h) ⊙ (B h)); we compute that branch with batched matmuls because every sequence
-of a batch has its own blocks. With no memory the branch is skipped, so the plain anchor pays nothing.
+of a batch has its own blocks (memory/dispatch.py: per sequence, or grouped by node for large batches).
+With no memory the branch is skipped, so the plain anchor pays nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hiermem.config import ModelConfig
-from hiermem.model.fetched import DOWN, GATE, UP, FetchedMemory
+from hiermem.memory.dispatch import apply_memory, memory_layers
+from hiermem.model.fetched import FetchedMemory
 
 
 class RMSNorm(nn.Module):
@@ -81,13 +83,10 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.w3 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory=None) -> torch.Tensor:
         y = self.w3(F.silu(self.w1(x)) * self.w2(x))
-        if memory is not None:  # [B, 3, R, d]: this sequence's extra neurons
-            mem = memory.to(x.dtype)
-            a = torch.bmm(x, mem[:, GATE].transpose(1, 2))  # [B, T, R]
-            b = torch.bmm(x, mem[:, UP].transpose(1, 2))
-            y = y + torch.bmm(F.silu(a) * b, mem[:, DOWN])  # [B, T, d]
+        if memory is not None:  # this layer's extra neurons: [B, 3, R, d] per sequence, or grouped by node
+            y = y + apply_memory(x, memory)
         return y
 
 
@@ -135,7 +134,7 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        memory: FetchedMemory | None = None,
+        memory: FetchedMemory | None = None,  # or a memory.dispatch.GroupedMemory
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """input_ids [B, T]; targets [B, T] with -100 = ignore; positions [B, T] (default 0..T-1);
         mask: boolean [B, 1, T, T] document mask (default plain causal); memory: per-sequence FFN neurons.
@@ -145,8 +144,8 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_base)
         x = self.tok_emb(input_ids)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, memory.for_layer(i) if memory is not None else None)
+        for block, mem in zip(self.blocks, memory_layers(memory, len(self.blocks))):
+            x = block(x, cos, sin, mask, mem)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:

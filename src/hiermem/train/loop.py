@@ -24,6 +24,7 @@ from hiermem.data.prepare import DataDir
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_dir, atomic_write_json
 from hiermem.memory.bank import MemoryBank
+from hiermem.memory.dispatch import select_rows
 from hiermem.memory.optim import LazyAdamW
 from hiermem.model.transformer import Transformer, count_parameters
 from hiermem.runs import (bank_spec, ensure_packed, load_clustering, parameter_report, resolve_device,
@@ -93,16 +94,16 @@ class Trainer:
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
-        _check_run_dir(cfg, resume)
         self.data = DataDir(cfg.data_dir)
         self.data.check(cfg)
         tok = self.data.tokenizer()
-        resolve_vocab(cfg, tok)
+        resolve_vocab(cfg, tok)  # before comparing with a saved config, which holds the resolved size
+        _check_run_dir(cfg, resume)
         self.device = resolve_device(t.device)
         self.autocast = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
         torch.manual_seed(t.seed)
 
-        self.clustering = load_clustering(self.data, cfg, required=cfg.uses_memory)
+        self.clustering = load_clustering(self.data, cfg, required=True) if cfg.pack_by_leaf else None
         self.dataset: PackedDataset = ensure_packed(self.data, cfg, self.clustering, split="train")
         self.model = Transformer(cfg.model).to(self.device)
         init_src = _init_from(cfg, self.model)
@@ -111,7 +112,9 @@ class Trainer:
         self.opt = None if t.mode == "frozen" else anchor_optimizer(self.model, cfg)
 
         self.bank = self.bank_opt = None
-        if cfg.uses_memory:
+        d = cfg.memory.dispatch  # grouped by node reads and updates each shared block once (memory/dispatch.py)
+        self.grouped = d == "grouped" or (d == "auto" and self.device.type == "cuda")
+        if cfg.uses_memory and not resume:  # on resume, _load_checkpoint opens the checkpoint's bank
             spec = bank_spec(cfg)
             src_bank = init_src / "bank" if init_src is not None else None
             if src_bank is not None and (src_bank / "manifest.json").is_file():
@@ -120,8 +123,7 @@ class Trainer:
             else:
                 bank_dir = cfg.run_dir / "bank" if cfg.memory.mmap else None
                 self.bank = MemoryBank.create(spec, seed=t.seed, dir=bank_dir)
-            m = cfg.memory
-            self.bank_opt = LazyAdamW(self.bank, lr=m.lr, betas=(t.beta1, t.beta2), weight_decay=m.weight_decay)
+            self.bank_opt = self._bank_optimizer()
 
         self.steps = total_steps(cfg, len(self.dataset))
         self.sampler = BatchSampler(len(self.dataset), t.batch_size * t.grad_accum, seed=t.seed)
@@ -131,8 +133,12 @@ class Trainer:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.run_dir / "config.yaml")
         shutil.copyfile(self.data.path / "tokenizer.json", cfg.run_dir / "tokenizer.json")
-        if self.clustering is not None:
+        if cfg.uses_memory:
             self.clustering.tree.save(cfg.run_dir / "tree.npz")
+
+    def _bank_optimizer(self) -> LazyAdamW:
+        m, t = self.cfg.memory, self.cfg.train
+        return LazyAdamW(self.bank, lr=m.lr, betas=(t.beta1, t.beta2), weight_decay=m.weight_decay)
 
     # -- one optimisation step -------------------------------------------------------------------------
     def train_step(self, indices: np.ndarray) -> dict:
@@ -143,7 +149,8 @@ class Trainer:
         fetch = None
         if self.bank is not None:
             use_generic = generic_draw(cfg, self.step, B)
-            fetch = self.bank.fetch(batch["paths"].cpu(), use_generic, device=self.device, requires_grad=True)
+            fetch_fn = self.bank.fetch_grouped if self.grouped else self.bank.fetch
+            fetch = fetch_fn(batch["paths"].cpu(), use_generic, device=self.device, requires_grad=True)
             self.bank.record(fetch)
         n_valid = (batch["targets"] != -100).sum().clamp(min=1)
         micro = math.ceil(B / t.grad_accum)
@@ -152,8 +159,8 @@ class Trainer:
             sl = slice(lo, lo + micro)
             mask = doc_attention_mask(batch["segment_ids"][sl])
             memory = None
-            if fetch is not None:  # a slice of the one leaf tensor: gradients accumulate into it
-                memory = type(fetch.memory)(fetch.memory.weights[sl], fetch.memory.first_layer)
+            if fetch is not None:  # rows sl of the fetched leaves: gradients accumulate into them
+                memory = select_rows(fetch.memory, sl)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 _, loss = self.model(batch["input_ids"][sl], batch["targets"][sl], batch["positions"][sl],
                                      mask, memory)
@@ -215,10 +222,16 @@ class Trainer:
         load_weights(self.model, ckpt / "model.safetensors")
         if self.opt is not None:
             self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        if self.bank is not None:
-            self.bank = MemoryBank.load(ckpt / "bank", mmap=False)
-            m, t = self.cfg.memory, self.cfg.train
-            self.bank_opt = LazyAdamW(self.bank, lr=m.lr, betas=(t.beta1, t.beta2), weight_decay=m.weight_decay)
+        if self.cfg.uses_memory:
+            m = self.cfg.memory
+            if m.mmap:  # the working bank lives in <run>/bank: reset it to the checkpoint's, chunk by chunk
+                work = self.cfg.run_dir / "bank"
+                MemoryBank.load(ckpt / "bank", mmap=True, cache_levels=0, writable=False).save(work)
+                self.bank = MemoryBank.load(work, mmap=True, cache_levels=m.cache_levels)
+            else:
+                self.bank = MemoryBank.load(ckpt / "bank", mmap=False)
+            self.bank.check_compatible(bank_spec(self.cfg))
+            self.bank_opt = self._bank_optimizer()
             self.bank_opt.load(ckpt / "bank")
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
@@ -250,7 +263,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{rate:,.0f}")
                 if self.step % t.log_every == 0 or self.step == end:
-                    rec = {"step": self.step, **{k: v for k, v in last.items() if k != "tokens"},
+                    rec = {"step": self.step, "total_steps": self.steps, **{k: v for k, v in last.items() if k != "tokens"},
                            "tokens_seen": self.tokens_seen, "tok_per_s": rate, "elapsed": self.elapsed}
                     if fetched_before is not None:  # evidence that the memory is used
                         now = self.bank.fetch_counts

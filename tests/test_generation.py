@@ -1,0 +1,166 @@
+import pytest
+import torch
+
+from hiermem.config import ModelConfig
+from hiermem.eval.generation import filter_logits, generate_ids
+from hiermem.model import FetchedMemory
+from hiermem.model.transformer import Transformer
+
+CFG = ModelConfig(vocab_size=97, n_layers=2, d_model=32, n_heads=2, head_dim=8, d_ff=48, max_seq_len=32,
+                  init_std=0.2)  # a large init: peaked logits, so no argmax is a near-tie
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(CFG).eval()
+
+
+def prompts(*lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, CFG.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def random_memory(batch, rank=4, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return FetchedMemory(torch.randn(batch, CFG.n_layers, 3, rank, CFG.d_model, generator=g) * 0.3)
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt, n, memory=None):
+    """Full forward pass per step (plain causal attention, positions 0..T-1), argmax of the last logits."""
+    ids = list(prompt)
+    for _ in range(n):
+        window = ids[-CFG.max_seq_len:]
+        logits, _ = model(torch.tensor([window]), memory=memory)
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_is_argmax_of_full_forward_passes(model):
+    for p in prompts(1, 5, 11):
+        assert generate_ids(model, [p], max_new_tokens=12) == [reference_greedy(model, p, 12)]
+
+
+def test_greedy_with_memory(model):
+    (p,) = prompts(6)
+    mem = random_memory(1)
+    with_mem = generate_ids(model, [p], memory=mem, max_new_tokens=10)
+    assert with_mem == [reference_greedy(model, p, 10, memory=mem)]
+    assert with_mem != generate_ids(model, [p], max_new_tokens=10)  # the memory does change the output
+
+
+def test_context_longer_than_the_model_window_slides(model):
+    (p,) = prompts(29)
+    out = generate_ids(model, [p], max_new_tokens=8)  # reaches 37 tokens > max_seq_len 32
+    assert out == [reference_greedy(model, p, 8)]
+
+
+def test_left_padded_batch_equals_each_prompt_alone(model):
+    ps = prompts(3, 9, 1, 14)
+    batch = generate_ids(model, ps, max_new_tokens=10)
+    assert batch == [generate_ids(model, [p], max_new_tokens=10)[0] for p in ps]
+    mem = random_memory(len(ps))
+    batch = generate_ids(model, ps, memory=mem, max_new_tokens=10)
+    alone = [generate_ids(model, [p], memory=FetchedMemory(mem.weights[i:i + 1]), max_new_tokens=10)[0]
+             for i, p in enumerate(ps)]
+    assert batch == alone
+
+
+def test_eos_ends_each_sequence_on_its_own(model):
+    ps = prompts(4, 8)
+    full = [reference_greedy(model, p, 10) for p in ps]
+    eos = full[0][3]  # the first sequence meets this token at step 3 (or earlier)
+    cut = [f[: f.index(eos)] if eos in f else f for f in full]
+    assert len(cut[0]) <= 3
+    assert generate_ids(model, ps, max_new_tokens=10, eos_id=eos) == cut
+    assert generate_ids(model, [ps[1]], max_new_tokens=10, eos_id=eos) == [cut[1]]
+
+
+def test_stop_fn_ends_a_row_early(model):
+    ps = prompts(4, 8, 6)
+    full = generate_ids(model, ps, max_new_tokens=10)
+    seen = []
+
+    def stop(i, new):
+        seen.append((i, len(new)))
+        return i == 1 and len(new) >= 3
+
+    out = generate_ids(model, ps, max_new_tokens=10, stop_fn=stop)
+    assert out == [full[0], full[1][:3], full[2]]
+    assert (1, 4) not in seen and (0, 10) in seen  # a stopped row is not asked again
+
+
+def test_top_k_1_sampling_equals_greedy(model):
+    ps = prompts(2, 7)
+    greedy = generate_ids(model, ps, max_new_tokens=10)
+    for seed in (0, 1, 2):
+        assert generate_ids(model, ps, max_new_tokens=10, temperature=0.8, top_k=1, seed=seed) == greedy
+
+
+def test_sampling_is_reproducible_for_a_seed(model):
+    ps = prompts(3, 5)
+    kw = dict(max_new_tokens=16, temperature=1.5)
+    a = generate_ids(model, ps, seed=11, **kw)
+    assert a == generate_ids(model, ps, seed=11, **kw)
+    assert a != generate_ids(model, ps, seed=12, **kw)
+    assert a != generate_ids(model, ps, **{**kw, "temperature": 0.0})
+
+
+@torch.no_grad()
+def test_sampled_tokens_stay_inside_top_k(model):
+    (p,) = prompts(5)
+    out = generate_ids(model, [p], max_new_tokens=20, temperature=3.0, top_k=3, seed=4)[0]
+    ids = list(p)
+    for tok in out:
+        logits, _ = model(torch.tensor([ids]))
+        assert tok in logits[0, -1].topk(3).indices.tolist()
+        ids.append(tok)
+    assert len(set(out)) > 1
+
+
+def reference_top_p(logits_row, p):
+    """Indices of the smallest set of most likely tokens whose probability reaches p."""
+    probs = logits_row.softmax(-1)
+    order = probs.argsort(descending=True)
+    total, keep = 0.0, []
+    for i in order.tolist():
+        keep.append(i)
+        total += float(probs[i])
+        if total >= p:
+            break
+    return sorted(keep)
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.5, 0.8, 0.95, 0.999])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 30, generator=g, dtype=torch.float64) * 2
+    out = filter_logits(logits, top_p=top_p)
+    for row, filtered in zip(logits, out):
+        kept = torch.isfinite(filtered).nonzero().squeeze(1).tolist()
+        assert kept == reference_top_p(row, top_p)
+        assert torch.equal(filtered[kept], row[kept])  # kept logits are untouched
+
+
+def test_top_p_on_an_exact_distribution():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64).log()
+    kept = lambda p: torch.isfinite(filter_logits(logits, top_p=p)).squeeze(0).tolist()  # noqa: E731
+    assert kept(0.4) == [True, False, False, False]
+    assert kept(0.7) == [True, True, False, False]
+    assert kept(0.9) == [True, True, True, False]
+    assert kept(1.0) == [True] * 4
+
+
+def test_top_k_then_top_p():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(20, 50, generator=g, dtype=torch.float64)
+    only_k = filter_logits(logits, top_k=6)
+    assert (torch.isfinite(only_k).sum(-1) == 6).all()
+    assert torch.equal(torch.isfinite(only_k), torch.zeros_like(only_k, dtype=torch.bool).scatter(
+        -1, logits.topk(6).indices, True))
+    both = filter_logits(logits, top_k=6, top_p=0.6)
+    for row, k_row, filtered in zip(logits, only_k, both):
+        kept = torch.isfinite(filtered).nonzero().squeeze(1).tolist()
+        assert kept == reference_top_p(k_row, 0.6)  # top-p over the renormalised top-k
+        assert set(kept) <= set(row.topk(6).indices.tolist())

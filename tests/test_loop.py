@@ -1,0 +1,288 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hiermem.config import load_config, read_config
+from hiermem.errors import HiermemError
+from hiermem.memory.bank import MemoryBank
+from hiermem.runs import bank_spec
+from hiermem.train.loop import Trainer, generic_draw, total_steps, train
+
+
+@pytest.fixture
+def make(longtail_data, tmp_path):
+    """make(name, *overrides) -> a Config for a run in tmp_path/name on the shared long-tail data."""
+
+    def _make(name, *overrides):
+        return load_config("tiny", [*longtail_data, f"train.run_dir={tmp_path / name}", *overrides])
+
+    return _make
+
+
+@pytest.fixture(scope="module")
+def anchor_run(longtail_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("loop") / "anchor"
+    train(load_config("tiny", [*longtail_data, "train.max_steps=6", f"train.run_dir={run_dir}"]), progress=False)
+    return run_dir
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def bank_arrays(bank):
+    return {k: bank.part(k).detach().clone() for k in bank.parts()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- (1) resume is exact ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [
+    ["train.mode=anchor"],
+    ["train.mode=scratch"],
+    ["train.mode=scratch", "memory.mmap=true", "memory.cache_levels=0"],
+])
+def test_resume_is_exact(make, mode):
+    steps = ["train.max_steps=8", "train.ckpt_every=3"]
+    whole = Trainer(make("whole", *mode, *steps), progress=False)
+    s_whole = whole.run()
+    assert s_whole["steps"] == 8
+
+    first = Trainer(make("split", *mode, *steps), progress=False)
+    s_half = first.run(stop_at=4)
+    assert s_half["steps"] == 4 and not (first.cfg.run_dir / "anchor.safetensors").exists()
+    assert json.loads((first.cfg.run_dir / "checkpoint" / "state.json").read_text())["step"] == 4
+    # a fresh process: a new config object from the same command line, resumed from the checkpoint
+    second = Trainer(make("split", *mode, *steps), resume=True, progress=False)
+    assert second.step == 4
+    s_rest = second.run()
+    assert s_rest["steps"] == 8 and s_rest["tokens_seen"] == s_whole["tokens_seen"]
+
+    assert s_rest["final_loss"] == pytest.approx(s_whole["final_loss"], abs=1e-6)
+    assert losses(second.cfg.run_dir) == pytest.approx(losses(whole.cfg.run_dir), abs=1e-6)  # step by step
+    assert_same(weights(second.model), weights(whole.model))
+    # and the published files agree as well
+    assert_same(load_file(str(second.cfg.run_dir / "anchor.safetensors")),
+                load_file(str(whole.cfg.run_dir / "anchor.safetensors")))
+    if whole.bank is not None:
+        assert_same(bank_arrays(second.bank), bank_arrays(whole.bank))
+        for name in ("m", "v"):
+            assert_same(getattr(second.bank_opt, name), getattr(whole.bank_opt, name))
+        for k in whole.bank_opt.steps:
+            np.testing.assert_array_equal(second.bank_opt.steps[k], whole.bank_opt.steps[k])
+        saved_a = MemoryBank.load(whole.cfg.run_dir / "bank", mmap=False)
+        saved_b = MemoryBank.load(second.cfg.run_dir / "bank", mmap=False)
+        assert_same(bank_arrays(saved_a), bank_arrays(saved_b))
+        assert_same(bank_arrays(saved_a), bank_arrays(whole.bank))
+
+
+def test_finished_run_files(make):
+    cfg = make("r", "train.mode=scratch", "train.max_steps=3")
+    summary = train(cfg, progress=False)
+    run = cfg.run_dir
+    for name in ("config.yaml", "tokenizer.json", "tree.npz", "anchor.safetensors", "bank", "checkpoint",
+                 "metrics.jsonl", "train_summary.json"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "train_summary.json").read_text()) == json.loads(json.dumps(summary))
+    saved = read_config(run / "config.yaml")
+    assert saved.model.vocab_size == cfg.model.vocab_size > 0  # the resolved size is recorded
+    assert summary["parameters"]["fetched"] == 3 * 64 * 2 * 16  # 3 parts x d x layers x (8 + 8)
+
+
+# --- (2) frozen and (3) cotrain update exactly what they should -------------------------------------------
+
+
+def test_frozen_keeps_the_anchor_and_trains_the_bank(make, anchor_run):
+    cfg = make("frozen", "train.mode=frozen", f"train.init_from={anchor_run}", "train.max_steps=4")
+    trainer = Trainer(cfg, progress=False)
+    src = load_file(str(anchor_run / "anchor.safetensors"))
+    fresh = MemoryBank.create(bank_spec(cfg), seed=cfg.train.seed)
+    trainer.run()
+    out = load_file(str(cfg.run_dir / "anchor.safetensors"))
+    assert_same(out, src)
+    assert all(not p.requires_grad for p in trainer.model.parameters())
+    assert not (cfg.run_dir / "checkpoint" / "optimizer.pt").exists()
+    trained = MemoryBank.load(cfg.run_dir / "bank", mmap=False)
+    changed = [k for k in trained.parts() if not torch.equal(trained.part(k), fresh.part(k))]
+    assert "level0" in changed and "level1" in changed
+
+
+def test_cotrain_step_updates_only_fetched_blocks(make, anchor_run):
+    cfg = make("cotrain", "train.mode=cotrain", f"train.init_from={anchor_run}", "train.max_steps=4",
+               "memory.generic_prob=0.5")
+    trainer = Trainer(cfg, progress=False)
+    src = load_file(str(anchor_run / "anchor.safetensors"))
+    assert torch.equal(trainer.model.tok_emb.weight, src["tok_emb.weight"])  # init_from loaded the anchor
+
+    idx = np.random.default_rng(0).choice(len(trainer.dataset), 12, replace=False)
+    paths = np.asarray(trainer.dataset.paths[idx])
+    assert len(np.unique(paths[:, 1])) > 2  # the batch spans several leaves
+    use_generic = generic_draw(cfg, trainer.step, len(idx)).numpy()
+    assert 0 < use_generic.sum() < len(idx)  # both kinds of rows in this step
+    before, anchor_before = bank_arrays(trainer.bank), weights(trainer.model)
+
+    out = trainer.train_step(idx)
+
+    after = bank_arrays(trainer.bank)
+    for level in (0, 1):
+        key = f"level{level}"
+        diff = (after[key] != before[key]).flatten(1).any(1).numpy()
+        expected = np.unique(paths[~use_generic, level])
+        np.testing.assert_array_equal(np.flatnonzero(diff), expected)
+        assert out["blocks_updated"][level] == len(expected)
+    assert not torch.equal(after["generic"], before["generic"])
+    assert out["generic_frac"] == pytest.approx(use_generic.mean())
+    # the anchor learns too in cotrain mode
+    anchor_after = weights(trainer.model)
+    assert not torch.equal(anchor_after["blocks.0.ffn.w1.weight"], anchor_before["blocks.0.ffn.w1.weight"])
+
+
+def test_no_generic_row_leaves_the_generic_block_alone(make, anchor_run):
+    cfg = make("cotrain", "train.mode=cotrain", f"train.init_from={anchor_run}", "train.max_steps=4",
+               "memory.generic_prob=0.0")
+    trainer = Trainer(cfg, progress=False)
+    before = bank_arrays(trainer.bank)
+    trainer.train_step(np.arange(0, len(trainer.dataset), 97)[:8])
+    assert torch.equal(trainer.bank.part("generic"), before["generic"])
+
+
+# --- (4) gradient accumulation ------------------------------------------------------------------------------
+
+
+def test_grad_accumulation_equals_one_big_batch(make):
+    """The sampler draws batch_size * grad_accum sequences per step: (16, 1) and (8, 2) see the same ones."""
+    common = ["train.mode=scratch", "train.max_steps=3", "memory.generic_prob=0.3"]
+    big = Trainer(make("big", *common, "train.batch_size=16", "train.grad_accum=1"), progress=False)
+    acc = Trainer(make("acc", *common, "train.batch_size=8", "train.grad_accum=2"), progress=False)
+    batches_big, batches_acc = iter(big.sampler), iter(acc.sampler)
+    b1, b2 = next(batches_big), next(batches_acc)
+    np.testing.assert_array_equal(b1, b2)
+    assert len(b1) == 16
+    anchor0, bank0 = weights(big.model), bank_arrays(big.bank)
+    o1, o2 = big.train_step(b1), acc.train_step(b2)
+    assert o2["loss"] == pytest.approx(o1["loss"], rel=1e-6)
+    assert o2["grad_norm"] == pytest.approx(o1["grad_norm"], rel=1e-5)
+    assert o2["tokens"] == o1["tokens"] and o2["blocks_updated"] == o1["blocks_updated"]
+    w1, w2 = weights(big.model), weights(acc.model)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0)
+    assert not torch.equal(w1["tok_emb.weight"], anchor0["tok_emb.weight"])  # the step did move them
+    moved = [k for k, v in bank_arrays(big.bank).items() if not torch.equal(v, bank0[k])]
+    assert "level1" in moved
+    for k, v in bank_arrays(big.bank).items():
+        torch.testing.assert_close(acc.bank.part(k), v, atol=1e-5, rtol=0)
+    # the next step starts from (numerically) the same weights: the same loss again
+    b1, b2 = next(batches_big), next(batches_acc)
+    np.testing.assert_array_equal(b1, b2)
+    assert acc.train_step(b2)["loss"] == pytest.approx(big.train_step(b1)["loss"], rel=1e-5)
+
+
+def test_total_steps_counts_accumulated_batches(make):
+    cfg = make("x", "train.batch_size=8", "train.grad_accum=2", "train.epochs=1.5")
+    assert total_steps(cfg, 100) == math.ceil(1.5 * 100 / 16)
+    cfg = make("x", "train.max_steps=7")
+    assert total_steps(cfg, 100) == 7
+
+
+# --- (5) metrics ------------------------------------------------------------------------------------------
+
+
+def test_metrics_report_memory_use_per_level(make):
+    cfg = make("m", "train.mode=scratch", "train.max_steps=5")
+    train(cfg, progress=False)
+    recs = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+    for r in recs:
+        assert len(r["distinct_fetched"]) == len(r["blocks_updated"]) == 2
+        assert 0 <= r["distinct_fetched"][0] <= 4 and 0 <= r["distinct_fetched"][1] <= 16
+        # one step per log line: the nodes fetched are exactly the blocks updated
+        assert r["distinct_fetched"] == r["blocks_updated"]
+        assert r["distinct_fetched"][0] <= r["distinct_fetched"][1]  # a level-1 node is fetched via a leaf
+        assert 0.0 <= r["generic_frac"] <= 1.0 and r["lr_memory"] > 0
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0
+    assert any(r["distinct_fetched"][1] > 1 for r in recs)
+    assert [r["tokens_seen"] for r in recs] == sorted(r["tokens_seen"] for r in recs)
+
+    # a longer logging window counts the distinct nodes over the whole window
+    cfg = make("m2", "train.mode=scratch", "train.max_steps=4", "train.log_every=4")
+    trainer = Trainer(cfg, progress=False)
+    trainer.run()
+    (rec,) = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rec["distinct_fetched"] == [int((c > 0).sum()) for c in trainer.bank.fetch_counts]
+
+
+def test_anchor_metrics_have_no_memory_fields(make):
+    cfg = make("a", "train.max_steps=2")
+    train(cfg, progress=False)
+    for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert "distinct_fetched" not in rec and "blocks_updated" not in rec
+
+
+# --- (6) refusals -----------------------------------------------------------------------------------------
+
+
+def test_refusals_name_the_problem(make, anchor_run):
+    cfg = make("r", "train.max_steps=4")
+    with pytest.raises(HiermemError, match="nothing to resume"):
+        Trainer(cfg, resume=True, progress=False)
+    Trainer(cfg, progress=False).run(stop_at=2)
+    with pytest.raises(HiermemError, match="already holds a run"):
+        Trainer(make("r", "train.max_steps=4"), progress=False)
+    with pytest.raises(HiermemError, match=r"another config: train\.lr \(0\.002 vs 0\.001\)"):
+        Trainer(make("r", "train.max_steps=4", "train.lr=1e-3"), resume=True, progress=False)
+    with pytest.raises(HiermemError, match=r"another model config: model\.d_ff \(128 vs 96\)"):
+        Trainer(make("i", "train.mode=cotrain", f"train.init_from={anchor_run}", "model.d_ff=96"), progress=False)
+    with pytest.raises(HiermemError, match="config.yaml: missing"):
+        Trainer(make("j", "train.mode=cotrain", f"train.init_from={cfg.run_dir / 'nope'}"), progress=False)
+    # the refused attempts left the run resumable
+    resumed = Trainer(make("r", "train.max_steps=4"), resume=True, progress=False)
+    assert resumed.run()["steps"] == 4
+
+
+# --- (7) the generic draw ---------------------------------------------------------------------------------
+
+
+def gcfg(*overrides):
+    return load_config("tiny", ["routing.branching=4", *overrides])
+
+
+def test_generic_draw_default_probability_per_sequence():
+    cfg = gcfg()
+    draws = torch.stack([generic_draw(cfg, step, 64) for step in range(300)])
+    assert draws.dtype == torch.bool and draws.shape == (300, 64)
+    assert draws.float().mean().item() == pytest.approx(1 / 5, abs=0.015)  # 1 / (branching + 1)
+    mixed = [bool(d.any()) and not bool(d.all()) for d in draws]
+    assert sum(mixed) > 250  # per sequence: a batch mixes generic and fetched rows
+    assert torch.equal(generic_draw(cfg, 7, 64), draws[7])  # a pure function of (seed, step)
+    assert not torch.equal(generic_draw(gcfg("train.seed=1"), 7, 64), draws[7])
+
+
+def test_generic_draw_per_batch_and_explicit_probability():
+    cfg = gcfg("memory.generic_sampling=batch", "memory.generic_prob=0.5")
+    draws = torch.stack([generic_draw(cfg, step, 16) for step in range(400)])
+    assert all(d.all() or not d.any() for d in draws)  # the whole batch at once
+    assert draws[:, 0].float().mean().item() == pytest.approx(0.5, abs=0.08)
+    cfg = gcfg("memory.generic_prob=0.05")
+    assert torch.stack([generic_draw(cfg, s, 100) for s in range(100)]).float().mean().item() == pytest.approx(
+        0.05, abs=0.01)
+
+
+def test_generic_draw_off():
+    for cfg in (gcfg("memory.generic=false"), gcfg("memory.generic_prob=0.0"),
+                gcfg("memory.generic_prob=0.0", "memory.generic_sampling=batch")):
+        assert not any(generic_draw(cfg, s, 32).any() for s in range(50))

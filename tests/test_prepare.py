@@ -1,0 +1,166 @@
+import json
+import random
+
+import numpy as np
+import pytest
+
+import hiermem.data.prepare as prepare_mod
+from hiermem.config import load_config
+from hiermem.data.prepare import DataDir, prepare, split_mask
+from hiermem.data.tokenizer import Tokenizer
+from hiermem.errors import HiermemError
+
+WORDS = ("river stone market harbour castle village winter summer bridge tower garden north south east west "
+         "old new small large quiet busy green grey golden silver ancient modern").split()
+
+
+def write_corpus(path, n=300, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "."
+        rows.append({"id": f"d{i}", "text": text})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return rows
+
+
+def cfg_for(tmp_path, corpus, *extra):
+    return load_config("tiny", [f"data.corpus={corpus}", f"data.dir={tmp_path / 'data'}", "data.vocab_size=320",
+                                "data.val_fraction=0.1", *extra])
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    return path, write_corpus(path)
+
+
+def test_prepare_writes_a_complete_data_dir(tmp_path, corpus):
+    path, rows = corpus
+    cfg = cfg_for(tmp_path, path)
+    data = prepare(cfg)
+    assert data.path == tmp_path / "data"
+    assert sorted(p.name for p in data.path.iterdir()) == [
+        "doc_tokens", "documents.jsonl", "prepare.json", "split.npy", "tokenizer.json"]
+
+    # documents, in order, with their ids
+    docs = data.documents()
+    assert [(d.id, d.text) for d in docs] == [(r["id"], r["text"]) for r in rows]
+    assert data.n_docs == len(rows) == data.meta["n_docs"]
+
+    # the split: seeded, the asked fraction, recorded in the meta
+    is_val = data.is_val()
+    assert is_val.dtype == bool and is_val.shape == (len(rows),)
+    assert int(is_val.sum()) == data.meta["n_val"] == round(0.1 * len(rows))
+    np.testing.assert_array_equal(is_val, split_mask(len(rows), 0.1, cfg.data.seed))
+
+    # tokenizer: the asked size at most, round trip, and the token store holds exactly its encodings
+    tok = data.tokenizer()
+    assert 257 < tok.vocab_size <= 320 and data.meta["vocab_size"] == tok.vocab_size
+    assert data.meta["tokenizer_fingerprint"] == tok.fingerprint()
+    store = data.doc_tokens()
+    assert len(store) == len(rows)
+    expected = [tok.encode(r["text"]) for r in rows]
+    for i, ids in enumerate(expected):
+        assert store[i].tolist() == ids
+        assert tok.decode(store[i]) == rows[i]["text"]
+    assert data.meta["n_tokens"] == sum(len(e) for e in expected) == int(store.lengths.sum())
+    assert tok.eos_id not in np.concatenate([store[i] for i in range(len(store))])
+
+
+def test_rerun_with_the_same_config_reuses_the_folder(tmp_path, corpus, monkeypatch):
+    path, _ = corpus
+    first = prepare(cfg_for(tmp_path, path))
+    stamp = {p.name: p.stat().st_mtime_ns for p in first.path.rglob("*")}
+
+    def no_retrain(*a, **k):
+        raise AssertionError("the tokenizer was retrained on a reuse")
+
+    monkeypatch.setattr(prepare_mod, "train_tokenizer", no_retrain)
+    monkeypatch.setattr(prepare_mod, "read_documents", no_retrain)
+    again = prepare(cfg_for(tmp_path, path))
+    assert again.meta == first.meta
+    assert {p.name: p.stat().st_mtime_ns for p in again.path.rglob("*")} == stamp
+
+
+@pytest.mark.parametrize("override,field", [
+    ("data.vocab_size=400", "data.vocab_size"),
+    ("data.val_fraction=0.2", "data.val_fraction"),
+    ("data.seed=3", "data.seed"),
+])
+def test_another_data_config_is_refused_naming_the_field(tmp_path, corpus, override, field):
+    path, _ = corpus
+    data = prepare(cfg_for(tmp_path, path))
+    before = (data.path / "prepare.json").read_text()
+    other = cfg_for(tmp_path, path, override)
+    with pytest.raises(HiermemError, match=rf"{data.path}: prepared with another data config: {field} \("):
+        prepare(other)
+    with pytest.raises(HiermemError, match=field):
+        DataDir(data.path).check(other)
+    assert (data.path / "prepare.json").read_text() == before  # nothing overwritten
+
+
+def test_another_corpus_is_refused_and_force_rebuilds(tmp_path, corpus):
+    path, _ = corpus
+    prepare(cfg_for(tmp_path, path))
+    other_path = tmp_path / "other.jsonl"
+    other_rows = write_corpus(other_path, n=50, seed=1)
+    with pytest.raises(HiermemError, match=r"data\.corpus"):
+        prepare(cfg_for(tmp_path, other_path))
+    rebuilt = prepare(cfg_for(tmp_path, other_path), force=True)
+    assert rebuilt.n_docs == 50 and rebuilt.texts() == [r["text"] for r in other_rows]
+    rebuilt.check(cfg_for(tmp_path, other_path))
+
+
+def test_user_tokenizer_is_used_as_is(tmp_path, corpus):
+    path, _ = corpus
+    first = prepare(cfg_for(tmp_path, path))
+    cfg = load_config("tiny", [f"data.corpus={path}", f"data.dir={tmp_path / 'data2'}",
+                               f"data.tokenizer={first.path / 'tokenizer.json'}"])
+    second = prepare(cfg)
+    assert second.meta["tokenizer_fingerprint"] == first.meta["tokenizer_fingerprint"]
+    assert second.meta["n_tokens"] == first.meta["n_tokens"]
+
+
+def test_malformed_corpus_names_file_and_line_and_writes_nothing(tmp_path, corpus):
+    path, _ = corpus
+    lines = path.read_text().splitlines()
+    lines[6] = '{"id": "broken", "text": "no closing brace"'
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(HiermemError, match=rf"^{path}:7: malformed JSON"):
+        prepare(cfg_for(tmp_path, path))
+    assert not (tmp_path / "data" / "prepare.json").exists()
+
+
+def test_missing_corpus_and_empty_corpus_setting(tmp_path):
+    with pytest.raises(HiermemError, match=r"missing\.jsonl: no such file"):
+        prepare(cfg_for(tmp_path, tmp_path / "missing.jsonl"))
+    with pytest.raises(HiermemError, match=r"data\.corpus is empty"):
+        prepare(load_config("tiny", [f"data.dir={tmp_path / 'd'}"]))
+    assert not (tmp_path / "data" / "prepare.json").exists()
+
+
+def test_failed_rebuild_does_not_leave_a_stale_prepare_json(tmp_path, corpus, monkeypatch):
+    """A forced rebuild that dies after rewriting the token store must not leave the old prepare.json
+    claiming the folder is complete (it would describe other tokens)."""
+    path, _ = corpus
+    prepare(cfg_for(tmp_path, path))
+    other_path = tmp_path / "other.jsonl"
+    write_corpus(other_path, n=40, seed=2)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(prepare_mod, "atomic_save_npy", crash)
+    with pytest.raises(OSError):
+        prepare(cfg_for(tmp_path, other_path), force=True)
+    assert not (tmp_path / "data" / "prepare.json").exists()
+    with pytest.raises(HiermemError, match="not a prepared data directory"):
+        DataDir(tmp_path / "data")
+
+
+def test_tokenizer_round_trip_on_unseen_text(tmp_path, corpus):
+    path, _ = corpus
+    tok = Tokenizer.load(prepare(cfg_for(tmp_path, path)).path / "tokenizer.json")
+    for text in ("Ünïcode and never seen words: 東京 🎉", "  spaces\tand\nnewlines  "):
+        assert tok.decode(tok.encode(text)) == text
