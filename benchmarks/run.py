@@ -19,10 +19,12 @@ def main() -> None:
                     help="also time torch.compile'd blocks (default on CUDA)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--budget", type=float, default=None, help="seconds; skip compiled variants past it")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds, best kept (default 2 on CPU)")
     ap.add_argument("--no-parity", dest="parity", action="store_false")
     a = ap.parse_args()
     run_bench(out=a.out, quick=a.quick, device=a.device, steps=a.steps, warmup=a.warmup, compile=a.compile,
-              shape=a.shape, branching=a.branching, budget_s=a.budget, parity=a.parity)
+              shape=a.shape, branching=a.branching, budget_s=a.budget, parity=a.parity,
+              rounds=a.rounds)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from hiermem.memory.bank import BankSpec
 
 
 def test_bench_writes_json_and_plot(tmp_path):
-    res = run_bench(out=tmp_path, device="cpu", shape="tiny", steps=1, warmup=0, compile=False)
+    res = run_bench(out=tmp_path, device="cpu", shape="tiny", steps=1, warmup=0, compile=False, rounds=1)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert set(saved["variants"]) == {"anchor", "memory-gather", "memory-grouped"}

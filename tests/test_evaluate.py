@@ -14,6 +14,8 @@ from hiermem.eval.probes import extract_answer, is_correct
 from hiermem.routing.embedders import WordLlamaEmbedder
 from hiermem.runs import Run
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.torch_threads
+
 
 @pytest.fixture(scope="module")
 def probe_file(longtail_dir, tmp_path_factory):

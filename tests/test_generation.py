@@ -6,6 +6,8 @@ from hiermem.eval.generation import filter_logits, generate_ids
 from hiermem.model import FetchedMemory
 from hiermem.model.transformer import Transformer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.torch_threads
+
 CFG = ModelConfig(vocab_size=97, n_layers=2, d_model=32, n_heads=2, head_dim=8, d_ff=48, max_seq_len=32,
                   init_std=0.2)  # a large init: peaked logits, so no argmax is a near-tie
 

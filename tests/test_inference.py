@@ -16,7 +16,9 @@ from hiermem.routing.embedders import WordLlamaEmbedder
 from hiermem.routing.routers import make_router
 from hiermem.runs import Run
 from hiermem.train.checkpoint import load_weights
-from hiermem.train.loop import train
+from hiermem.train.loop import Trainer, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.torch_threads
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +119,21 @@ def test_block_level_never_returns_the_blocked_node(run, texts, router, level):
     if router == "centroid" and level == 1:
         np.testing.assert_array_equal(blocked[:, 0], free[:, 0])  # only the blocked level moves
     assert torch.equal(ctx.memory_for_texts(texts).weights, run.bank.fetch(blocked).memory.weights)
+
+
+def test_an_unfinished_run_is_read_from_its_checkpoint(longtail_data, tmp_path, texts):
+    cfg = load_config("tiny", [*longtail_data, "train.mode=scratch", "train.max_steps=6",
+                               f"train.run_dir={tmp_path / 'r'}"])
+    trainer = Trainer(cfg, progress=False)
+    trainer.run(stop_at=3)
+    assert not (cfg.run_dir / "anchor.safetensors").exists()
+    run = Run(cfg.run_dir, device="cpu")
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(run.model.state_dict()[k], v), k
+    for k in trainer.bank.parts():  # the bank of the same step as the anchor
+        assert torch.equal(run.bank.part(k), trainer.bank.part(k)), k
+    ctx = MemoryContext(run, "fetched", "centroid")
+    assert torch.equal(ctx.memory_for_texts(texts).weights, trainer.bank.fetch(ctx.route(texts)).memory.weights)
 
 
 def test_invalid_settings_are_refused(run, longtail_data, tmp_path):

@@ -7,10 +7,13 @@ import torch
 from safetensors.torch import load_file
 
 from hiermem.config import load_config, read_config
+from hiermem.data.prepare import prepare
 from hiermem.errors import HiermemError
 from hiermem.memory.bank import MemoryBank
 from hiermem.runs import bank_spec
 from hiermem.train.loop import Trainer, generic_draw, total_steps, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.torch_threads
 
 
 @pytest.fixture
@@ -88,6 +91,29 @@ def test_resume_is_exact(make, mode):
         saved_b = MemoryBank.load(second.cfg.run_dir / "bank", mmap=False)
         assert_same(bank_arrays(saved_a), bank_arrays(saved_b))
         assert_same(bank_arrays(saved_a), bank_arrays(whole.bank))
+
+
+def test_resume_from_a_periodic_checkpoint_after_a_crash(make):
+    """Steps after the last periodic checkpoint are lost in a crash: they are redone exactly, and logged once."""
+    common = ["train.mode=scratch", "train.max_steps=8", "train.ckpt_every=3"]
+    whole = Trainer(make("whole", *common), progress=False)
+    whole.run()
+
+    crashed = Trainer(make("crash", *common), progress=False)
+    periodic_only = crashed.save_checkpoint
+    crashed.save_checkpoint = lambda: periodic_only() if crashed.step % 3 == 0 else None  # no save at the stop
+    crashed.run(stop_at=5)
+    metrics = crashed.cfg.run_dir / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 6, "loss": 1.0')  # and a line torn by the crash
+    resumed = Trainer(make("crash", *common), resume=True, progress=False)
+    assert resumed.step == 3
+    resumed.run()
+    assert_same(weights(resumed.model), weights(whole.model))
+    assert_same(bank_arrays(resumed.bank), bank_arrays(whole.bank))
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    assert [r["loss"] for r in recs] == pytest.approx(losses(whole.cfg.run_dir), abs=1e-6)
 
 
 def test_finished_run_files(make):
@@ -252,6 +278,16 @@ def test_refusals_name_the_problem(make, anchor_run):
     # the refused attempts left the run resumable
     resumed = Trainer(make("r", "train.max_steps=4"), resume=True, progress=False)
     assert resumed.run()["steps"] == 4
+
+
+def test_init_from_an_anchor_with_another_tokenizer_is_refused(longtail_data, anchor_run, tmp_path):
+    # vocab 500 rounds up to the same model.vocab_size (512) as the anchor's: only the tokenizer differs
+    other = [*longtail_data, f"data.dir={tmp_path / 'data500'}", "data.vocab_size=500"]
+    prepare(load_config("tiny", other))
+    cfg = load_config("tiny", [*other, f"train.init_from={anchor_run}", f"train.run_dir={tmp_path / 'r'}"])
+    with pytest.raises(HiermemError, match=r"anchor trained with another tokenizer"):
+        Trainer(cfg, progress=False)
+    assert cfg.model.vocab_size == read_config(anchor_run / "config.yaml").model.vocab_size == 512
 
 
 # --- (7) the generic draw ---------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from hiermem.eval.perplexity import perplexity
 from hiermem.model import FetchedMemory
 from hiermem.model.transformer import Transformer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.torch_threads
+
 CFG = ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=2, head_dim=8, d_ff=48, max_seq_len=16,
                   init_std=0.1)
 EOS = 0

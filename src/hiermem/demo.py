@@ -39,10 +39,10 @@ class DemoSpec:
     corpus: LongTailConfig = field(default_factory=LongTailConfig)
     preset: str = "small"
     overrides: tuple[str, ...] = ()
-    epochs: float = 4.0  # every model; the memory run splits them into phase 1 + phase 2
-    phase1_epochs: float = 2.0
+    epochs: int = 3  # every model sees every document this many times (whole epochs: equal exposure)
+    phase1_epochs: int = 1  # the memory run (and anchor_staged): phase 1 anchor only, then phase 2
     lr: float = 2e-3  # anchor peak LR (one cosine) and phase 1
-    phase2_lr: float = 1e-3  # anchor LR in phase 2 (both the memory run and anchor_staged)
+    phase2_lr: float = 2e-3  # anchor LR in phase 2 (both runs): the cosine restarts at the same peak
     memory_lr: float = 1e-2
     memory_lr_min: float = 1e-3
     dense: tuple[str, ...] = ("model.d_model=192", "model.n_heads=6", "model.d_ff=512")
@@ -56,7 +56,7 @@ def default_spec(quick: bool) -> DemoSpec:
     # a small corpus and a 2x8 tree: the same pipeline in about two minutes
     return DemoSpec(corpus=LongTailConfig(n_entities=300, n_unseen=40, head_mentions=60, n_background=250,
                                           n_heldout_background=40, n_heldout_facts=60),
-                    overrides=("routing.branching=8", "data.vocab_size=1024"), epochs=4.0, phase1_epochs=2.0)
+                    overrides=("routing.branching=8", "data.vocab_size=1024"), epochs=4, phase1_epochs=2)
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -330,7 +330,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    buckets = report["buckets"]
+    buckets = [f"{b}\n({n} cities)" for b, n in zip(report["buckets"], report["bucket_entities"])]
     fig, ax = plt.subplots(figsize=(9, 4.8))
     styles = {"fetched_knn": ("-o", 2.5), "fetched_oracle": (":o", 1.5), "fetched_centroid": ("--o", 1.5),
               "anchor": ("-s", 2.0), "anchor_staged": ("--s", 1.2), "dense2x": ("-^", 2.0),
@@ -377,7 +377,7 @@ def format_report(report: dict) -> str:
 def run_demo(quick: bool = False, out: str | None = None, jobs: int = 2, progress: bool = True,
              spec: DemoSpec | None = None) -> dict:
     from hiermem.data.prepare import prepare
-    from hiermem.runs import parameter_report
+    from hiermem.runs import parameter_report, resolve_vocab
 
     t0 = time.perf_counter()
     spec = spec or default_spec(quick)
@@ -389,7 +389,9 @@ def run_demo(quick: bool = False, out: str | None = None, jobs: int = 2, progres
         corpus = build_corpus(spec.corpus)
         write_corpus(corpus, corpus_dir)
     configs = job_configs(spec, out)
-    prepare(configs["anchor"])
+    tok = prepare(configs["anchor"]).tokenizer()
+    for cfg in configs.values():  # resolve model.vocab_size now, so cached runs compare equal to their configs
+        resolve_vocab(cfg, tok)
     wall = run_jobs(configs, out, spec, jobs, progress)
     evals = {n: json.loads((out / "eval" / f"{n}.json").read_text()) for n in EVALS.values()}
     models = {row: evals[ROWS[row][0]]["rows"][row] for row in ROWS}

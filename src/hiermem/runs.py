@@ -126,13 +126,13 @@ class Run:
             raise HiermemError(f"{self.path}/tokenizer.json: vocabulary larger than the model's (another tokenizer?)")
         self.device = resolve_device(device)
         self.model = Transformer(self.cfg.model).to(self.device).eval()
-        weights = self.path / "anchor.safetensors"
-        if not weights.is_file():
-            weights = self.path / "checkpoint" / "model.safetensors"
+        weights, bank_dir = self.path / "anchor.safetensors", self.path / "bank"
+        if not weights.is_file():  # an unfinished run: its last checkpoint, anchor and bank of the same step
+            weights, bank_dir = self.path / "checkpoint" / "model.safetensors", self.path / "checkpoint" / "bank"
         load_weights(self.model, weights)
         self.bank = self.tree = None
         if self.cfg.uses_memory:
-            self.bank = MemoryBank.load(self.path / "bank", mmap=True, cache_levels=self.cfg.memory.cache_levels)
+            self.bank = MemoryBank.load(bank_dir, mmap=True, cache_levels=self.cfg.memory.cache_levels)
             self.bank.check_compatible(bank_spec(self.cfg))
             self.tree = Tree.load(self.path / "tree.npz")
 

@@ -72,8 +72,12 @@ def evaluate_run(run_dir: str, memory: str | None = None, router: str | None = N
         label += f"/blocked@{block_level}"
     result = {"run": str(run.path), "memory": ctx.mode, "router": ctx.router_name, "block_level": block_level,
               "perplexity": heldout_perplexity(run, ctx, progress=progress)}
-    lines = [f"{run.path} [{label}] held-out perplexity {result['perplexity']['ppl']:.3f} "
-             f"over {result['perplexity']['tokens']:,} tokens ({result['perplexity']['docs']} documents)"]
+    ppl = result["perplexity"]
+    if ppl["docs"]:
+        lines = [f"{run.path} [{label}] held-out perplexity {ppl['ppl']:.3f} over {ppl['tokens']:,} tokens "
+                 f"({ppl['docs']} documents)"]
+    else:  # data.val_fraction=0: nothing held out
+        lines = [f"{run.path} [{label}] no held-out documents (data.val_fraction=0): perplexity skipped"]
     if probes:
         records = load_probes(probes)
         res = evaluate_probes(records, probe_predictor(run, ctx, max_new_tokens), progress=progress)

@@ -21,8 +21,9 @@ from tqdm import tqdm
 from hiermem.config import Config, diff_fields, read_config, save_config, to_dict
 from hiermem.data.packing import BatchSampler, PackedDataset, doc_attention_mask
 from hiermem.data.prepare import DataDir
+from hiermem.data.tokenizer import Tokenizer
 from hiermem.errors import HiermemError
-from hiermem.io_utils import atomic_dir, atomic_write_json
+from hiermem.io_utils import atomic_dir, atomic_write_json, atomic_write_text
 from hiermem.memory.bank import MemoryBank
 from hiermem.memory.dispatch import select_rows
 from hiermem.memory.optim import LazyAdamW
@@ -76,7 +77,7 @@ def _check_run_dir(cfg: Config, resume: bool) -> None:
         raise HiermemError(f"{run_dir}: run directory already holds a run (use --resume, or another train.run_dir)")
 
 
-def _init_from(cfg: Config, model: Transformer) -> Path | None:
+def _init_from(cfg: Config, model: Transformer, tok: Tokenizer) -> Path | None:
     if not cfg.train.init_from:
         return None
     src = Path(cfg.train.init_from)
@@ -84,6 +85,9 @@ def _init_from(cfg: Config, model: Transformer) -> Path | None:
     diffs = diff_fields(to_dict(other.model), to_dict(cfg.model), "model.")
     if diffs:
         raise HiermemError(f"{src}: anchor made by another model config: {'; '.join(diffs)}")
+    if Tokenizer.load(src / "tokenizer.json").fingerprint() != tok.fingerprint():  # same vocab size, other ids
+        raise HiermemError(f"{src}: anchor trained with another tokenizer than {cfg.data_dir}/tokenizer.json "
+                           "(data.tokenizer / data.vocab_size / data.corpus differ?)")
     load_weights(model, src / "anchor.safetensors")
     return src
 
@@ -106,7 +110,7 @@ class Trainer:
         self.clustering = load_clustering(self.data, cfg, required=True) if cfg.pack_by_leaf else None
         self.dataset: PackedDataset = ensure_packed(self.data, cfg, self.clustering, split="train")
         self.model = Transformer(cfg.model).to(self.device)
-        init_src = _init_from(cfg, self.model)
+        init_src = _init_from(cfg, self.model, tok)
         if t.mode == "frozen":
             self.model.requires_grad_(False)
         self.opt = None if t.mode == "frozen" else anchor_optimizer(self.model, cfg)
@@ -235,6 +239,21 @@ class Trainer:
             self.bank_opt.load(ckpt / "bank")
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics logged after the checkpoint (a crashed run's last steps are redone, not duplicated)."""
+        path = self.cfg.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line torn by the crash
+                continue
+        atomic_write_text(path, "".join(keep))
 
     def save_final(self) -> None:
         run = self.cfg.run_dir
