@@ -109,7 +109,7 @@ def cmd_params(args) -> None:
 def cmd_demo(args) -> None:
     from hiermem.demo import run_demo
 
-    run_demo(quick=args.quick, out=args.out, jobs=args.jobs, progress=not args.quiet)
+    run_demo(quick=args.quick, out=args.out, jobs=args.jobs, progress=not args.quiet, preset=args.preset)
 
 
 def cmd_corpus(args) -> None:
@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("demo", help="the long-tail knowledge demo: anchor vs memories, fact by fact")
-    p.add_argument("--quick", action="store_true", help="a small version (< 3 minutes)")
+    p.add_argument("--quick", action="store_true", help="a small version (< 3 minutes); = --preset quick")
+    p.add_argument("--preset", default="cpu", choices=("cpu", "quick", "gpu", "paper-160m"),
+                   help="cpu: the default (< 10 minutes on 2 cores); gpu / paper-160m: shapes for one GPU")
     p.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes")
     p.add_argument("--quiet", action="store_true")

@@ -50,13 +50,31 @@ class DemoSpec:
     max_new_tokens: int = 10
 
 
-def default_spec(quick: bool) -> DemoSpec:
-    if not quick:
+def default_spec(quick: bool = False, preset: str = "cpu") -> DemoSpec:
+    """Demo presets: cpu (the default, < 10 minutes on 2 cores), quick (< 3 minutes), gpu (one GPU: a 30M
+    anchor, 3-level tree, 4 epochs), paper-160m (the paper's 160M anchor and (256, 64, 16, 0) memory shape
+    on the same corpus; for a large GPU — the corpus is far too small to train it well)."""
+    if quick or preset == "quick":
+        # a small corpus and a 2x8 tree: the same pipeline in about two minutes
+        return DemoSpec(corpus=LongTailConfig(n_entities=300, n_unseen=40, head_mentions=60, n_background=250,
+                                              n_heldout_background=40, n_heldout_facts=60),
+                        overrides=("routing.branching=8", "data.vocab_size=1024"), epochs=4, phase1_epochs=2)
+    if preset == "cpu":
         return DemoSpec()
-    # a small corpus and a 2x8 tree: the same pipeline in about two minutes
-    return DemoSpec(corpus=LongTailConfig(n_entities=300, n_unseen=40, head_mentions=60, n_background=250,
-                                          n_heldout_background=40, n_heldout_facts=60),
-                    overrides=("routing.branching=8", "data.vocab_size=1024"), epochs=4, phase1_epochs=2)
+    gpu = ("train.device=auto", "routing.max_tokens=16", "data.val_fraction=0.0")
+    if preset == "gpu":
+        return DemoSpec(preset="gpu", overrides=(*gpu, "data.seq_len=128", "model.max_seq_len=128",
+                                                 "routing.depth=2", "memory.ranks=[128,128]", "train.batch_size=32"),
+                        epochs=4, phase1_epochs=2, lr=1e-3, phase2_lr=1e-3,
+                        dense=("model.d_model=768", "model.n_heads=12", "model.d_ff=2048"))
+    if preset == "paper-160m":
+        return DemoSpec(preset="paper-160m", overrides=(
+            *gpu, "data.vocab_size=8192", "model.vocab_size=0", "data.seq_len=512", "model.max_seq_len=512",
+            "routing.depth=3", "routing.router=knn", "memory.ranks=[256,64,16]", "memory.mmap=false",
+            "train.mode=anchor", "train.grad_accum=1", "train.warmup_steps=100"),
+            epochs=4, phase1_epochs=2, lr=1e-3, phase2_lr=1e-3, memory_lr=1e-3, memory_lr_min=1e-4,
+            dense=("model.d_model=768", "model.n_heads=16", "model.head_dim=48", "model.d_ff=3072"))
+    raise HiermemError(f"demo: unknown preset {preset!r} (cpu, quick, gpu, paper-160m)")
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -287,7 +305,6 @@ def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: Dem
     paths = heldout_paths = None
     if run.bank is not None:
         paths, result["routing_agreement"], leaves = _routing(run, out, corpus, probes["population"])
-        ctx = MemoryContext(run, "fetched", "knn")
         heldout_paths = {r: {k: MemoryContext(run, "fetched", r).route(t) for k, t in heldout.items()}
                          for r in ("knn", "centroid")}
         heldout_paths["oracle"] = heldout_paths["knn"]  # held-out documents are routed, not given a leaf
@@ -375,13 +392,14 @@ def format_report(report: dict) -> str:
 
 
 def run_demo(quick: bool = False, out: str | None = None, jobs: int = 2, progress: bool = True,
-             spec: DemoSpec | None = None) -> dict:
+             spec: DemoSpec | None = None, preset: str = "cpu") -> dict:
     from hiermem.data.prepare import prepare
     from hiermem.runs import parameter_report, resolve_vocab
 
     t0 = time.perf_counter()
-    spec = spec or default_spec(quick)
-    out = Path(out or ("runs/demo-quick" if quick else "runs/demo"))
+    spec = spec or default_spec(quick, preset)
+    quick = quick or preset == "quick"
+    out = Path(out or ("runs/demo-quick" if quick else "runs/demo" if preset == "cpu" else f"runs/demo-{preset}"))
     corpus_dir = out / "corpus"
     if (corpus_dir / "entities.json").is_file() and load_corpus(corpus_dir).config == spec.corpus:
         corpus = load_corpus(corpus_dir)
