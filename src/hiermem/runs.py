@@ -3,6 +3,7 @@ loading a finished run directory (config, tokenizer, anchor, bank, tree, routers
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 from dataclasses import dataclass
@@ -91,27 +92,41 @@ def load_clustering(data: DataDir, cfg: Config, required: bool) -> Clustering | 
     return Clustering(tree, np.load(folder / "doc_paths.npy"), data.path / meta["embeddings"], meta)
 
 
-def ensure_packed(data: DataDir, cfg: Config, clustering: Clustering | None, split: str) -> PackedDataset:
-    """Packed sequences for a split, cached by (seq_len, tree). With a clustering, documents are packed per leaf
-    (one path per sequence, the paper's App. A.2); without, in corpus order."""
+def _pack_split(data: DataDir, cfg: Config, clustering: Clustering | None, split: str, out: Path) -> None:
+    is_val = data.is_val()
+    doc_index = np.flatnonzero(is_val if split == "val" else ~is_val)
+    if len(doc_index) == 0:
+        raise HiermemError(f"{data.path}: the {split} split has no documents")
+    tok = data.tokenizer()
+    groups = paths = None
+    depth = 0
+    if clustering is not None:
+        leaf = clustering.doc_paths[:, -1]
+        groups = leaf[doc_index]
+        paths = {int(l): tuple(int(x) for x in clustering.doc_paths[i]) for i, l in zip(doc_index, groups)}
+        depth = clustering.doc_paths.shape[1]
+    pack_sequences(data.doc_tokens(), doc_index, cfg.data.seq_len, tok.eos_id, out,
+                   group_of_doc=groups, path_of_group=paths, depth=depth)
+
+
+def packed_dir(data: DataDir, cfg: Config, clustering: Clustering | None, split: str) -> Path:
+    """Where a split's packed sequences live, keyed by (split, seq_len, tree or flat)."""
     tree_id = clustering.tree.fingerprint() if clustering is not None else "flat"
     key = hashlib.sha256(f"{split}:{cfg.data.seq_len}:{tree_id}".encode()).hexdigest()[:12]
-    out = data.path / "packed" / f"{split}-{key}"
-    if not (out / "meta.json").is_file():
-        is_val = data.is_val()
-        doc_index = np.flatnonzero(is_val if split == "val" else ~is_val)
-        if len(doc_index) == 0:
-            raise HiermemError(f"{data.path}: the {split} split has no documents")
-        tok = data.tokenizer()
-        groups = paths = None
-        depth = 0
-        if clustering is not None:
-            leaf = clustering.doc_paths[:, -1]
-            groups = leaf[doc_index]
-            paths = {int(l): tuple(int(x) for x in clustering.doc_paths[i]) for i, l in zip(doc_index, groups)}
-            depth = clustering.doc_paths.shape[1]
-        pack_sequences(data.doc_tokens(), doc_index, cfg.data.seq_len, tok.eos_id, out,
-                       group_of_doc=groups, path_of_group=paths, depth=depth)
+    return data.path / "packed" / f"{split}-{key}"
+
+
+def ensure_packed(data: DataDir, cfg: Config, clustering: Clustering | None, split: str) -> PackedDataset:
+    """Packed sequences for a split, cached. With a clustering, documents are packed per leaf (one path per
+    sequence, the paper's App. A.2); without, in corpus order."""
+    out = packed_dir(data, cfg, clustering, split)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # several trainings may start at once on one data dir (the demo's parallel jobs): one packs, the others
+    # wait on the lock and then reuse its output
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "meta.json").is_file():
+            _pack_split(data, cfg, clustering, split, out)
     return PackedDataset(out)
 
 
