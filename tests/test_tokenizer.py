@@ -61,7 +61,7 @@ def test_deterministic_and_sensitive(tok):
 
 def test_load_errors(tmp_path, tok):
     missing = tmp_path / "nope.json"
-    with pytest.raises(HiermemError, match=rf"nope.json: no such file or directory"):
+    with pytest.raises(HiermemError, match=r"nope.json: no such file or directory"):
         Tokenizer.load(missing)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

@@ -280,19 +280,9 @@ def _routing(run, out: Path, corpus, probes: list[dict]) -> tuple[dict, dict, di
     return paths, agreement, leaves
 
 
-def _heldout_ppl(run, ctx, texts: list[str], paths: np.ndarray | None) -> float:
-    from hiermem.eval.perplexity import perplexity
-
-    docs = [np.asarray(run.tokenizer.encode(t)) for t in texts]
-    mem_for = None
-    if ctx.mode != "none":
-        mem_for = lambda owners: ctx.memory_for_paths(paths[owners])  # noqa: E731
-    return perplexity(run.model, docs, run.tokenizer.eos_id, run.cfg.data.seq_len, mem_for)["ppl"]
-
-
 def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: DemoSpec) -> dict:
     """Every report row of one trained run: probes by bucket and held-out perplexity (+ routing for memory)."""
-    from hiermem.eval.evaluate import probe_predictor
+    from hiermem.eval.evaluate import probe_predictor, routed_perplexity
     from hiermem.eval.inference import MemoryContext
     from hiermem.eval.probes import evaluate_probes, leaf_prior
     from hiermem.runs import Run
@@ -330,12 +320,10 @@ def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: Dem
             rec[prefix + "accuracy"] = [r["per_group"].get(b, {}).get("accuracy", 0.0) for b in corpus.buckets]
             rec[prefix + "overall"] = r["accuracy"]
         for kind, key in (("background", "perplexity_real_text"), ("fact", "perplexity_facts")):
-            hp = None
-            if mode == "fetched":
-                hp = heldout_paths[router][kind]
-            elif mode == "generic":
-                hp = np.zeros((len(heldout[kind]), run.tree.depth), np.int64)
-            rec[key] = _heldout_ppl(run, ctx, heldout[kind], hp)
+            texts = heldout[kind]
+            docs = [np.asarray(run.tokenizer.encode(t)) for t in texts]
+            hp = heldout_paths[router][kind] if mode == "fetched" else None
+            rec[key] = routed_perplexity(run, ctx, docs, texts, paths=hp)["ppl"]
         result["rows"][row] = rec
     return result
 

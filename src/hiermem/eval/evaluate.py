@@ -40,22 +40,26 @@ def probe_predictor(run: Run, ctx: MemoryContext, max_new_tokens: int = 12, path
     return predict
 
 
-def heldout_perplexity(run: Run, ctx: MemoryContext, data: DataDir | None = None, max_docs: int | None = None,
-                       doc_filter=None, progress: bool = False) -> dict:
+def heldout_perplexity(run: Run, ctx: MemoryContext, data: DataDir | None = None, progress: bool = False) -> dict:
     """Perplexity on the run's validation documents, each routed on its full text (as the paper's Wiki-En)."""
     data = data or DataDir(run.cfg.data_dir)
     run.check_data(data)
     idx = np.flatnonzero(data.is_val())
     texts = data.texts()
-    if doc_filter is not None:
-        idx = np.asarray([i for i in idx if doc_filter(i)], dtype=np.int64)
-    if max_docs is not None:
-        idx = idx[:max_docs]
     dt = data.doc_tokens()
-    docs = [np.asarray(dt[i]) for i in idx]
+    return routed_perplexity(run, ctx, [np.asarray(dt[i]) for i in idx], [texts[i] for i in idx], progress=progress)
+
+
+def routed_perplexity(run: Run, ctx: MemoryContext, docs: list[np.ndarray], texts: list[str],
+                      paths: np.ndarray | None = None, progress: bool = False) -> dict:
+    """Perplexity of token arrays `docs`, each with the memory of its own text (routed once per document,
+    unless `paths` are given); the generic block or no memory as ctx says."""
     memory_for = None
     if ctx.mode != "none":
-        paths = ctx.route([texts[i] for i in idx]) if ctx.mode == "fetched" else np.zeros((len(idx), run.tree.depth), np.int64)
+        if ctx.mode == "generic":
+            paths = np.zeros((len(docs), run.tree.depth), np.int64)
+        elif paths is None:
+            paths = ctx.route(texts)
         memory_for = lambda owners: ctx.memory_for_paths(paths[owners])  # noqa: E731
     return perplexity(run.model, docs, run.tokenizer.eos_id, run.cfg.data.seq_len, memory_for, progress=progress)
 

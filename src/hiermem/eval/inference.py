@@ -11,7 +11,8 @@ import torch
 
 from hiermem.errors import HiermemError
 from hiermem.model import FetchedMemory
-from hiermem.routing.embedders import make_embedder
+from hiermem.data.prepare import DataDir
+from hiermem.routing.clustering import embedder_for
 from hiermem.routing.routers import make_router
 from hiermem.runs import Run
 
@@ -33,8 +34,7 @@ class MemoryContext:
     @property
     def embedder(self):
         if self._embedder is None:
-            r = self.run.cfg.routing
-            self._embedder = make_embedder(r.encoder, r.max_tokens, r.long_docs)
+            self._embedder = embedder_for(self.run.cfg)
         return self._embedder
 
     @property
@@ -43,7 +43,7 @@ class MemoryContext:
             doc_emb = doc_paths = None
             if self.router_name == "knn":
                 c = self.run.clustering()
-                train = ~np.load(c.doc_emb_path.parent.parent / "split.npy")
+                train = ~DataDir(self.run.cfg.data_dir).is_val()
                 doc_emb, doc_paths = np.asarray(c.doc_emb())[train], c.doc_paths[train]
             self._router = make_router(self.router_name, self.run.tree, doc_emb=doc_emb, doc_paths=doc_paths,
                                        k=self.run.cfg.routing.knn_k)
