@@ -275,6 +275,8 @@ def test_refusals_name_the_problem(make, anchor_run):
         Trainer(make("i", "train.mode=cotrain", f"train.init_from={anchor_run}", "model.d_ff=96"), progress=False)
     with pytest.raises(HiermemError, match="config.yaml: missing"):
         Trainer(make("j", "train.mode=cotrain", f"train.init_from={cfg.run_dir / 'nope'}"), progress=False)
+    with pytest.raises(HiermemError, match="train.mode=cotrain needs train.init_from"):
+        Trainer(make("k", "train.mode=cotrain"), progress=False)
     # the refused attempts left the run resumable
     resumed = Trainer(make("r", "train.max_steps=4"), resume=True, progress=False)
     assert resumed.run()["steps"] == 4

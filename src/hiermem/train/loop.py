@@ -102,6 +102,9 @@ class Trainer:
         self.data.check(cfg)
         tok = self.data.tokenizer()
         resolve_vocab(cfg, tok)  # before comparing with a saved config, which holds the resolved size
+        if t.mode == "cotrain" and not t.init_from:
+            raise HiermemError("config: train.mode=cotrain needs train.init_from (a trained anchor run directory); "
+                               "train.mode=scratch trains anchor and memory from random initialisation")
         _check_run_dir(cfg, resume)
         self.device = resolve_device(t.device)
         self.autocast = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
