@@ -109,7 +109,11 @@ def cmd_params(args) -> None:
 def cmd_demo(args) -> None:
     from hiermem.demo import run_demo
 
-    run_demo(quick=args.quick, out=args.out, jobs=args.jobs, progress=not args.quiet, preset=args.preset)
+    from hiermem.demo import default_spec
+
+    spec = default_spec(args.quick, args.preset)
+    spec.overrides = (*spec.overrides, *args.overrides)
+    run_demo(quick=args.quick, out=args.out, jobs=args.jobs, progress=not args.quiet, preset=args.preset, spec=spec)
 
 
 def cmd_corpus(args) -> None:
@@ -181,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: the default (< 10 minutes on 2 cores); gpu / paper-160m: shapes for one GPU")
     p.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes")
+    p.add_argument("overrides", nargs="*", help="dot-list overrides for every run, e.g. routing.encoder=wordllama")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 

@@ -289,7 +289,7 @@ def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: Dem
 
     corpus = load_corpus(out / "corpus")
     probes = _probe_sets(corpus)
-    run = Run(configs[run_name].run_dir, device="cpu")
+    run = Run(configs[run_name].run_dir, device=configs[run_name].train.device)
     heldout = {k: [d["text"] for d in corpus.heldout if d["kind"] == k] for k in ("background", "fact")}
     result: dict = {"rows": {}}
     paths = heldout_paths = None
