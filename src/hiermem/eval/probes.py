@@ -101,11 +101,17 @@ def extract_answer(completion: str, answer: str) -> str:
     if _is_numeric(answer):
         m = _NUMBER.search(completion)
         return m.group(0).replace(",", "") if m else ""
-    text, gold = completion.lstrip(" \t"), answer.strip()
-    skip = len(gold) if text.lower().startswith(gold.lower()) else 0  # dots inside the gold ("U.S.")
-    m = _SENTENCE_END.search(text, skip)
+    text, _, m = _first_sentence_end(completion, answer)
     head = text[: m.start()] if m else text
     return " ".join(head.split()).strip(_STRIP)
+
+
+def _first_sentence_end(completion: str, answer: str):
+    """(text, skip, match): the completion without leading blanks, how much of it is a leading copy of the
+    gold answer (dots inside it do not end the sentence: "U.S."), and the first sentence end after that."""
+    text, gold = completion.lstrip(" \t"), answer.strip()
+    skip = len(gold) if text.lower().startswith(gold.lower()) else 0
+    return text, skip, _SENTENCE_END.search(text, skip)
 
 
 def answer_complete(completion: str, answer: str) -> bool:
@@ -115,11 +121,10 @@ def answer_complete(completion: str, answer: str) -> bool:
         m = _NUMBER.search(completion)
         if m and re.match(r"[^\d,.]|[,.][^\d]", completion[m.end():m.end() + 2]):
             return True
-    text, gold = completion.lstrip(" \t"), answer.strip()
-    if gold.lower().startswith(text.lower()):  # may still grow into the gold answer ("U.S. Vir...")
+    text, skip, m = _first_sentence_end(completion, answer)
+    if answer.strip().lower().startswith(text.lower()):  # may still grow into the gold answer ("U.S. Vir...")
         return False
-    skip = len(gold) if text.lower().startswith(gold.lower()) else 0
-    return _SENTENCE_END.search(text, skip) is not None and not text[skip:].endswith((".", "!", "?"))
+    return m is not None and not text[skip:].endswith((".", "!", "?"))
 
 
 def is_correct(completion: str, answer: str) -> bool:
