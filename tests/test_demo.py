@@ -62,3 +62,13 @@ def test_job_graph_is_consistent(tmp_path):
     assert configs["phase1"].train.epochs + configs["anchor_staged"].train.epochs == total
     assert configs["dense2x"].train.epochs == total
     assert configs["dense2x"].model.d_model > configs["anchor"].model.d_model
+
+
+def test_demo_overrides_reach_every_run(tmp_path, capsys):
+    """Dot-list overrides after `hiermem demo` are applied (and checked) for every run's config."""
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path), "train.lr=fast"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+    spec = default_spec(quick=True)
+    spec.user_overrides = ("memory.generic_prob=0.25", "train.lr=5e-4")
+    configs = job_configs(spec, tmp_path)
+    assert all(c.memory.generic_prob == 0.25 and c.train.lr == 5e-4 for c in configs.values())

@@ -112,7 +112,7 @@ def cmd_demo(args) -> None:
     from hiermem.demo import default_spec
 
     spec = default_spec(args.quick, args.preset)
-    spec.overrides = (*spec.overrides, *args.overrides)
+    spec.user_overrides = tuple(args.overrides)
     run_demo(quick=args.quick, out=args.out, jobs=args.jobs, progress=not args.quiet, preset=args.preset, spec=spec)
 
 

@@ -38,7 +38,8 @@ from hiermem.io_utils import atomic_write_json, atomic_write_text
 class DemoSpec:
     corpus: LongTailConfig = field(default_factory=LongTailConfig)
     preset: str = "small"
-    overrides: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()  # the preset's, applied before each job's own settings
+    user_overrides: tuple[str, ...] = ()  # `hiermem demo ... key=value`: applied last, so they win
     epochs: int = 3  # every model sees every document this many times (whole epochs: equal exposure)
     phase1_epochs: int = 1  # the memory run (and anchor_staged): phase 1 anchor only, then phase 2
     lr: float = 2e-3  # anchor peak LR (one cosine) and phase 1
@@ -89,7 +90,8 @@ def job_configs(spec: DemoSpec, out: Path) -> dict[str, Config]:
     phase2 = spec.epochs - spec.phase1_epochs
 
     def cfg(name: str, *extra: str) -> Config:
-        return load_config(spec.preset, [*base, f"name={name}", f"train.run_dir={runs / name}", *extra])
+        return load_config(spec.preset, [*base, f"name={name}", f"train.run_dir={runs / name}", *extra,
+                                          *spec.user_overrides])
 
     lr = f"train.lr={spec.lr}"
     p2 = [f"train.epochs={phase2}", f"train.lr={spec.phase2_lr}", f"train.lr_min={spec.phase2_lr / 10}",
@@ -260,16 +262,25 @@ def _probe_sets(corpus) -> dict[str, list[dict]]:
     return sets
 
 
-def _routing(run, out: Path, corpus, probes: list[dict]) -> tuple[dict, dict, dict]:
-    """Paths of every population probe under each router (+ the oracle leaf), and routing agreement."""
+def _routers(run) -> dict:
+    """The run's two routers, built once (the knn one holds a faiss index over the training documents)."""
     from hiermem.eval.inference import MemoryContext
+
+    return {r: MemoryContext(run, "fetched", r) for r in ("knn", "centroid")}
+
+
+def _route_all(routers: dict, texts: list[str]) -> dict[str, np.ndarray]:
+    """Paths of `texts` under each router, from one embedding (both routers share the run's encoder)."""
+    emb = routers["knn"].embedder.encode(texts)
+    return {r: ctx.router.route(emb) for r, ctx in routers.items()}
+
+
+def _routing(run, routers: dict, out: Path, corpus, probes: list[dict]) -> tuple[dict, dict, dict]:
+    """Paths of every population probe under each router (+ the oracle leaf), and routing agreement."""
     from hiermem.routing.tree import paths_from_leaves
 
-    clustering = run.clustering()
-    leaves = _entity_leaves(out, corpus, clustering)
-    knn = MemoryContext(run, "fetched", "knn")
-    emb = knn.embedder.encode([p["prompt"] for p in probes])
-    paths = {"knn": knn.router.route(emb), "centroid": MemoryContext(run, "fetched", "centroid").router.route(emb)}
+    leaves = _entity_leaves(out, corpus, run.clustering())
+    paths = _route_all(routers, [p["prompt"] for p in probes])
     oracle_leaf = np.array([leaves.get(p["entity"], -1) for p in probes])
     seen = oracle_leaf >= 0
     paths["oracle"] = paths["knn"].copy()  # unseen cities have no leaf of their own: they keep the knn path
@@ -294,9 +305,10 @@ def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: Dem
     result: dict = {"rows": {}}
     paths = heldout_paths = None
     if run.bank is not None:
-        paths, result["routing_agreement"], leaves = _routing(run, out, corpus, probes["population"])
-        heldout_paths = {r: {k: MemoryContext(run, "fetched", r).route(t) for k, t in heldout.items()}
-                         for r in ("knn", "centroid")}
+        routers = _routers(run)
+        paths, result["routing_agreement"], leaves = _routing(run, routers, out, corpus, probes["population"])
+        by_kind = {k: _route_all(routers, t) for k, t in heldout.items()}
+        heldout_paths = {r: {k: by_kind[k][r] for k in heldout} for r in routers}
         heldout_paths["oracle"] = heldout_paths["knn"]  # held-out documents are routed, not given a leaf
         answers = {e["name"]: e["country"] for e in corpus.entities if e["mentions"] > 0}
         result["country_leaf_prior"] = {}
