@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/hiermem bench --suite train
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -68,10 +68,6 @@ def cmd_train(args) -> None:
           f"{summary['elapsed_s']:.1f}s, final loss {summary['final_loss']:.4f}; parameters: {acct}")
 
 
-def _memory_mode(args, run) -> str:
-    return args.memory or ("fetched" if run.bank is not None else "none")
-
-
 def cmd_eval(args) -> None:
     from hiermem.eval.evaluate import evaluate_run
 
@@ -96,7 +92,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_params(args) -> None:
-    from hiermem.runs import parameter_report
+    from hiermem.memory.spec import parameter_report
 
     cfg = _config(args)
     if cfg.model.vocab_size == 0:
@@ -128,9 +124,9 @@ def cmd_corpus(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from hiermem.bench import run_bench
+    from hiermem.bench import run_suite
 
-    run_bench(out=args.out, quick=args.quick)
+    run_suite(args.suite, out=args.out, quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_corpus)
 
-    p = sub.add_parser("bench", help="speed benchmarks (memory path vs anchor), JSON + table")
+    from hiermem.bench import SUITES
+
+    p = sub.add_parser("bench", help="benchmark suites (train: the trainer's step, anchor vs memory), JSON + table")
+    p.add_argument("--suite", default="train", choices=sorted(SUITES))
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--quick", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -36,6 +36,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 128
     init_std: float = 0.02
+    attention: str = "sdpa"  # sdpa (dense document mask, plain causal where rows are whole documents) | flex
 
 
 @dataclass
@@ -52,7 +53,6 @@ class MemoryConfig:
     weight_decay: float = 1e-3
     mmap: bool = False  # keep the bank (and its optimizer state) in memory-mapped files
     cache_levels: int = 1  # shallow levels copied into RAM when the bank is memory-mapped
-    dispatch: str = "auto"  # gather (per-sequence copies) | grouped (by node) | auto: grouped on CUDA, else gather
 
 
 @dataclass
@@ -141,7 +141,7 @@ _CHOICES = {
     "routing.long_docs": ("truncate", "mean_chunks"),
     "routing.router": ("knn", "centroid"),
     "memory.generic_sampling": ("sequence", "batch"),
-    "memory.dispatch": ("auto", "gather", "grouped"),
+    "model.attention": ("sdpa", "flex"),
 }
 
 
@@ -223,27 +223,32 @@ def preset_path(name_or_path: str) -> Path:
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- preset YAML (if any) <- dot-list overrides, then validated."""
-    merged = OmegaConf.structured(Config)
-    source = "defaults"
+    if not preset:
+        return _merge({}, overrides, "defaults")
+    path = preset_path(preset)
     try:
-        if preset:
-            path = preset_path(preset)
-            source = str(path)
-            try:
-                loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as e:
-                raise HiermemError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-            if not isinstance(loaded, dict):
-                raise HiermemError(f"{path}: expected a mapping at the top level")
-            merged = OmegaConf.merge(merged, loaded)
-        source = "command line"
-        for item in overrides:
-            if "=" not in item:
-                raise HiermemError(f"override {item!r}: expected key=value (e.g. train.lr=3e-4)")
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise HiermemError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise HiermemError(f"{path}: expected a mapping at the top level")
+    return _merge(loaded, overrides, str(path))
+
+
+def _merge(base: dict, overrides: list[str] | tuple[str, ...], source: str) -> Config:
+    """Defaults <- base <- dot-list overrides, validated; errors name the source and the key."""
+    for item in overrides:
+        if "=" not in item:
+            raise HiermemError(f"override {item!r}: expected key=value (e.g. train.lr=3e-4)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), base)
+    except OmegaConfBaseException as e:
+        raise HiermemError(f"config ({source}): {_one_line(e)}") from None
+    try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise HiermemError(f"config ({source}): {_one_line(e)}") from None
+        raise HiermemError(f"config (command line): {_one_line(e)}") from None
     return validate(cfg)
 
 
@@ -252,10 +257,7 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(d: dict, source: str = "config") -> Config:
-    try:
-        return validate(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d)))
-    except OmegaConfBaseException as e:
-        raise HiermemError(f"{source}: {_one_line(e)}") from None
+    return _merge(d, (), source)
 
 
 def dump_config(cfg: Config) -> str:
@@ -266,11 +268,38 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write_text(path, dump_config(cfg))
 
 
-def read_config(path: str | Path) -> Config:
+# Keys that older versions wrote into a run's config.yaml and that no longer exist: dropped when read.
+REMOVED_KEYS = {"memory.dispatch": "0.1.0: one memory representation now serves every device"}
+
+
+def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A saved config (a run's or a data directory's), with dot-list overrides applied on top."""
     path = Path(path)
     if not path.is_file():
         raise HiermemError(f"{path}: missing (not a hiermem run or data directory?)")
-    return from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, source=str(path))
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise HiermemError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(saved, dict):
+        raise HiermemError(f"{path}: expected a mapping at the top level")
+    for key in REMOVED_KEYS:
+        section, name = key.split(".")
+        if isinstance(saved.get(section), dict):
+            saved[section].pop(name, None)
+    return _merge(saved, overrides, str(path))
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """A copy whose file and folder fields are absolute, so that a run's saved config works from any directory."""
+    out = from_dict(to_dict(cfg))
+    out.data.dir = str(cfg.data_dir.resolve())
+    out.train.run_dir = str(cfg.run_dir.resolve())
+    for section, key in (("data", "corpus"), ("data", "tokenizer"), ("train", "init_from")):
+        value = getattr(getattr(cfg, section), key)
+        if value:
+            setattr(getattr(out, section), key, str(Path(value).resolve()))
+    return out
 
 
 def diff_fields(a: dict, b: dict, prefix: str = "") -> list[str]:

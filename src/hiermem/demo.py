@@ -148,7 +148,7 @@ def _job_main(name: str, out: str) -> None:
 def _done(name: str, configs: dict[str, Config], out: Path) -> bool:
     if name == "cluster":
         from hiermem.data.prepare import DataDir
-        from hiermem.runs import load_clustering
+        from hiermem.routing.clustering import load_clustering
 
         cfg = configs["memory"]
         return load_clustering(DataDir(cfg.data_dir), cfg, required=False) is not None
@@ -296,7 +296,7 @@ def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: Dem
     from hiermem.eval.evaluate import probe_predictor, routed_perplexity
     from hiermem.eval.inference import MemoryContext
     from hiermem.eval.probes import evaluate_probes, leaf_prior
-    from hiermem.runs import Run
+    from hiermem.eval.run import Run
 
     corpus = load_corpus(out / "corpus")
     probes = _probe_sets(corpus)
@@ -394,7 +394,8 @@ def format_report(report: dict) -> str:
 def run_demo(quick: bool = False, out: str | None = None, jobs: int = 2, progress: bool = True,
              spec: DemoSpec | None = None, preset: str = "cpu") -> dict:
     from hiermem.data.prepare import prepare
-    from hiermem.runs import parameter_report, resolve_vocab
+    from hiermem.data.tokenizer import resolve_vocab
+    from hiermem.memory.spec import parameter_report
 
     t0 = time.perf_counter()
     spec = spec or default_spec(quick, preset)

@@ -314,20 +314,6 @@ def segment_positions(seg: np.ndarray) -> np.ndarray:
     return np.where(seg >= 0, pos, 0).astype(np.int64)
 
 
-def doc_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[b, 1, T, T] bool for torch SDPA: query i may see key j iff same segment, j <= i, not padding.
-
-    A padding query row may see only itself, so its softmax has one finite entry (no NaN).
-    """
-    T = segment_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    valid = segment_ids >= 0
-    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal & valid[:, None, :]
-    eye = torch.eye(T, dtype=torch.bool, device=segment_ids.device)
-    mask |= eye & ~valid[:, :, None]
-    return mask[:, None]
-
-
 # --- sampling ------------------------------------------------------------------------------------------
 
 

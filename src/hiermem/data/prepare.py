@@ -11,13 +11,15 @@ A later stage refuses a data directory made by another data config or tokenizer.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from hiermem.config import Config, diff_fields
-from hiermem.data.packing import DocTokens, token_dtype, write_doc_tokens
+from hiermem.data.packing import DocTokens, PackedDataset, pack_sequences, token_dtype, write_doc_tokens
 from hiermem.data.readers import Document, read_documents
 from hiermem.data.tokenizer import Tokenizer, train_tokenizer
 from hiermem.errors import HiermemError
@@ -74,6 +76,36 @@ class DataDir:
     @property
     def n_docs(self) -> int:
         return int(self.meta["n_docs"])
+
+    def packed(self, split: str, seq_len: int, doc_paths: np.ndarray | None = None,
+               tree_id: str = "flat") -> PackedDataset:
+        """A split's packed sequences, cached under packed/ by (split, seq_len, tree). With doc_paths (every
+        document's root-to-leaf path) documents are packed per leaf, one path per sequence (the paper's
+        App. A.2); without, in corpus order."""
+        key = hashlib.sha256(f"{split}:{seq_len}:{tree_id}".encode()).hexdigest()[:12]
+        out = self.path / "packed" / f"{split}-{key}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # several trainings may start at once on one data dir (the demo's parallel jobs): one packs, the
+        # others wait on the lock and then reuse its output
+        with open(out.parent / f".{out.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (out / "meta.json").is_file():
+                self._pack(split, seq_len, doc_paths, out)
+        return PackedDataset(out)
+
+    def _pack(self, split: str, seq_len: int, doc_paths: np.ndarray | None, out: Path) -> None:
+        is_val = self.is_val()
+        doc_index = np.flatnonzero(is_val if split == "val" else ~is_val)
+        if len(doc_index) == 0:
+            raise HiermemError(f"{self.path}: the {split} split has no documents")
+        groups = paths = None
+        depth = 0
+        if doc_paths is not None:
+            groups = doc_paths[doc_index, -1]
+            paths = {int(l): tuple(int(x) for x in doc_paths[i]) for i, l in zip(doc_index, groups)}
+            depth = doc_paths.shape[1]
+        pack_sequences(self.doc_tokens(), doc_index, seq_len, self.tokenizer().eos_id, out,
+                       group_of_doc=groups, path_of_group=paths, depth=depth)
 
 
 def prepare(cfg: Config, force: bool = False) -> DataDir:

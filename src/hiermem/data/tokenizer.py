@@ -98,3 +98,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     )
     hf.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(hf)
+
+
+def resolve_vocab(cfg, tok: Tokenizer) -> None:
+    """model.vocab_size 0 -> the tokenizer's size rounded up to a multiple of 64; a smaller one is refused."""
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = -(-tok.vocab_size // 64) * 64
+    elif cfg.model.vocab_size < tok.vocab_size:
+        raise HiermemError(
+            f"config: model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")

@@ -8,7 +8,7 @@ from hiermem.data.prepare import DataDir
 from hiermem.eval.generation import generate_ids
 from hiermem.eval.inference import MemoryContext
 from hiermem.eval.perplexity import perplexity
-from hiermem.runs import Run
+from hiermem.eval.run import Run
 
 
 def _context(run: Run, memory: str | None, router: str | None, block_level: int | None) -> MemoryContext:
@@ -42,8 +42,7 @@ def probe_predictor(run: Run, ctx: MemoryContext, max_new_tokens: int = 12, path
 
 def heldout_perplexity(run: Run, ctx: MemoryContext, data: DataDir | None = None, progress: bool = False) -> dict:
     """Perplexity on the run's validation documents, each routed on its full text (as the paper's Wiki-En)."""
-    data = data or DataDir(run.cfg.data_dir)
-    run.check_data(data)
+    data = data or run.data()
     idx = np.flatnonzero(data.is_val())
     texts = data.texts()
     dt = data.doc_tokens()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from hiermem.data.packing import doc_attention_mask
 from hiermem.model import FetchedMemory
 from hiermem.model.transformer import Transformer
 
@@ -52,7 +51,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], memory: FetchedMe
         x, s = ids[:, window], seg[:, window]
         pos = (s >= 0).long().cumsum(1) - 1
         pos = pos.clamp(min=0)
-        logits, _ = model(x, positions=pos, mask=doc_attention_mask(s), memory=memory)
+        logits, _ = model(x, positions=pos, segment_ids=s, memory=memory)
         logits = logits[:, -1].float()
         if temperature <= 0:
             nxt = logits.argmax(-1)

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from hiermem.errors import HiermemError
+from hiermem.eval.run import Run
+from hiermem.memory.fetch import fetch
 from hiermem.model import FetchedMemory
-from hiermem.data.prepare import DataDir
 from hiermem.routing.clustering import embedder_for
 from hiermem.routing.routers import make_router
-from hiermem.runs import Run
 
 MEMORY_MODES = ("fetched", "generic", "none")
 
@@ -43,7 +43,7 @@ class MemoryContext:
             doc_emb = doc_paths = None
             if self.router_name == "knn":
                 c = self.run.clustering()
-                train = ~DataDir(self.run.cfg.data_dir).is_val()
+                train = ~self.run.data().is_val()
                 doc_emb, doc_paths = np.asarray(c.doc_emb())[train], c.doc_paths[train]
             self._router = make_router(self.router_name, self.run.tree, doc_emb=doc_emb, doc_paths=doc_paths,
                                        k=self.run.cfg.routing.knn_k)
@@ -56,7 +56,7 @@ class MemoryContext:
         if self.mode == "none":
             return None
         use_generic = torch.full((len(paths),), self.mode == "generic", dtype=torch.bool)
-        return self.run.bank.fetch(np.asarray(paths), use_generic, device=self.run.device).memory
+        return fetch(self.run.bank, np.asarray(paths), use_generic, device=self.run.device).memory
 
     def memory_for_texts(self, texts: list[str]) -> FetchedMemory | None:
         if self.mode == "none":

@@ -2,13 +2,16 @@
 
 Pre-norm blocks (RMSNorm, weight only) with attention then a SwiGLU FFN, RoPE on q/k, optional QK-norm over the
 full q and k projections, no biases anywhere, tied or untied embeddings. This reproduces the paper's parameter
-counts exactly (METHOD.md §2.1).
+counts exactly (docs/method.md §2). Layer names follow LLaMA / Hugging Face (q_proj ... o_proj, gate_proj,
+up_proj, down_proj); docs/method.md maps them to the paper's W1/W2/W3.
 
-The one addition for hierarchical memories: every FFN accepts optional per-sequence extra hidden neurons
-(a FetchedMemory, METHOD.md §2.2). Concatenating r neurons to the inner dimension of W1, W2, W3 is the same
-as adding a branch C·(silu(A h) ⊙ (B h)); we compute that branch with batched matmuls because every sequence
-of a batch has its own blocks (memory/dispatch.py: per sequence, or grouped by node for large batches).
-With no memory the branch is skipped, so the plain anchor pays nothing.
+Packed sequences hold several documents: `segment_ids` (one id per document, -1 = padding) make attention stay
+inside each document; positions restart at every document (the caller passes them).
+
+The one addition for hierarchical memories: every FFN accepts optional per-sequence extra hidden neurons (a
+FetchedMemory, model/fetched.py). Appending r neurons to gate_proj, up_proj and down_proj is the same as adding
+a branch C·(silu(A h) ⊙ (B h)), which model/fetched.py computes for a whole batch at once. With no memory the
+branch is skipped, so the plain anchor pays nothing.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from hiermem.config import ModelConfig
-from hiermem.memory.dispatch import apply_memory, memory_layers
-from hiermem.model.fetched import FetchedMemory
+from hiermem.model.fetched import FetchedMemory, MemoryLayer
 
 
 class RMSNorm(nn.Module):
@@ -49,44 +52,67 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+def document_mask(segment_ids: torch.Tensor, kind: str = "sdpa"):
+    """Query i may see key j iff same document and j <= i. None when every row is a single document without
+    padding (plain causal attention, the fastest kernels); else a boolean [B, 1, T, T] for SDPA, or a
+    FlexAttention BlockMask with kind="flex". A padding query sees only itself (one finite softmax entry)."""
+    if kind == "sdpa" and bool(((segment_ids == segment_ids[:, :1]) & (segment_ids >= 0)).all()):
+        return None
+    if kind == "flex":
+        def same_doc(b, h, q, k):
+            seg_q, seg_k = segment_ids[b, q], segment_ids[b, k]
+            return ((seg_q == seg_k) & (k <= q) & (seg_k >= 0)) | ((q == k) & (seg_q < 0))
+
+        B, T = segment_ids.shape
+        return create_block_mask(same_doc, B, None, T, T, device=segment_ids.device)
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    valid = segment_ids >= 0
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal & valid[:, None, :]
+    mask |= torch.eye(T, dtype=torch.bool, device=segment_ids.device) & ~valid[:, :, None]
+    return mask[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         width = cfg.n_heads * cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, width, bias=False)
-        self.wk = nn.Linear(cfg.d_model, width, bias=False)
-        self.wv = nn.Linear(cfg.d_model, width, bias=False)
-        self.wo = nn.Linear(width, cfg.d_model, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, width, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, width, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, width, bias=False)
+        self.o_proj = nn.Linear(width, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(width, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(width, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, mask):
         B, T, _ = x.shape
-        q = self.q_norm(self.wq(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_norm(self.wk(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if mask is None:
+        if mask is None:  # every row is one whole document: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # boolean [B, 1, T, T]: causal and within the same document
+        elif isinstance(mask, torch.Tensor):  # boolean [B, 1, T, T]: causal and within the same document
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        else:  # a FlexAttention BlockMask (model.attention=flex): the same rule, computed blockwise
+            y = flex_attention(q, k, v, block_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU with xformers/OpenLM naming: W1 gate, W2 up, W3 down (the memory's down part starts at zero)."""
+    """SwiGLU: down_proj(silu(gate_proj x) * up_proj x), plus this layer's fetched neurons if any."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.w2 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.w3 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, memory=None) -> torch.Tensor:
-        y = self.w3(F.silu(self.w1(x)) * self.w2(x))
-        if memory is not None:  # this layer's extra neurons: [B, 3, R, d] per sequence, or grouped by node
-            y = y + apply_memory(x, memory)
+    def forward(self, x: torch.Tensor, memory: MemoryLayer | None = None) -> torch.Tensor:
+        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if memory is not None:
+            y = y + memory(x)
         return y
 
 
@@ -123,7 +149,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w3.weight")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:
                 nn.init.normal_(p, 0.0, std)
@@ -133,18 +159,21 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         targets: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        memory: FetchedMemory | None = None,  # or a memory.dispatch.GroupedMemory
+        segment_ids: torch.Tensor | None = None,
+        memory: FetchedMemory | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """input_ids [B, T]; targets [B, T] with -100 = ignore; positions [B, T] (default 0..T-1);
-        mask: boolean [B, 1, T, T] document mask (default plain causal); memory: per-sequence FFN neurons.
-        Returns (logits [B, T, V], mean cross-entropy over non-ignored targets or None)."""
+        segment_ids [B, T]: document of each token, -1 = padding (default: each row is one document);
+        memory: per-sequence FFN neurons. Returns (logits [B, T, V], mean cross-entropy over non-ignored
+        targets, or None)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_base)
+        mask = None if segment_ids is None else document_mask(segment_ids, self.cfg.attention)
+        per_layer = memory.per_layer(len(self.blocks)) if memory is not None else [None] * len(self.blocks)
         x = self.tok_emb(input_ids)
-        for block, mem in zip(self.blocks, memory_layers(memory, len(self.blocks))):
+        for block, mem in zip(self.blocks, per_layer):
             x = block(x, cos, sin, mask, mem)
         logits = self.lm_head(self.norm(x))
         loss = None

@@ -7,15 +7,56 @@ how often the head of a document (its first `head_words` words) routes to the do
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
-from hiermem.config import Config
+from hiermem.config import Config, diff_fields
+from hiermem.errors import HiermemError
 from hiermem.data.prepare import DataDir
 from hiermem.io_utils import atomic_save_npy, atomic_write_json
 from hiermem.routing.embedders import corpus_key, embed_cached, make_embedder
 from hiermem.routing.routers import make_router, routing_agreement
-from hiermem.routing.tree import cluster_sizes, fit_tree
-from hiermem.runs import Clustering, load_clustering, routing_key
+from hiermem.routing.tree import Tree, cluster_sizes, fit_tree
+
+
+def routing_key(cfg: Config) -> dict:
+    """The routing.* fields a clustering depends on (a later stage refuses a clustering made by others)."""
+    r = cfg.routing
+    return {"encoder": r.encoder, "max_tokens": r.max_tokens, "long_docs": r.long_docs, "depth": r.depth,
+            "branching": r.branching, "kmeans_steps": r.kmeans_steps, "kmeans_sample": r.kmeans_sample,
+            "balance": r.balance, "seed": r.seed}
+
+
+@dataclass
+class Clustering:
+    """The tree of a data directory, every document's path and the document embeddings (for the knn router)."""
+
+    tree: Tree
+    doc_paths: np.ndarray  # [n_docs, depth] int64, training and validation documents alike
+    doc_emb_path: Path
+    meta: dict
+
+    def doc_emb(self) -> np.ndarray:
+        return np.load(self.doc_emb_path, mmap_mode="r")
+
+
+def load_clustering(data: DataDir, cfg: Config, required: bool) -> Clustering | None:
+    folder = data.path / "cluster"
+    if not (folder / "cluster.json").is_file():
+        if required:
+            raise HiermemError(f"{data.path}: no tree yet (run `hiermem cluster` with this config first)")
+        return None
+    meta = json.loads((folder / "cluster.json").read_text())
+    diffs = diff_fields(meta["routing"], routing_key(cfg), "routing.")  # every key is a routing.* field
+    if diffs:
+        if required:
+            raise HiermemError(f"{folder}: clustered with another routing config: {'; '.join(diffs)}")
+        return None
+    tree = Tree.load(folder / "tree.npz")
+    return Clustering(tree, np.load(folder / "doc_paths.npy"), data.path / meta["embeddings"], meta)
 
 
 def embedder_for(cfg: Config):

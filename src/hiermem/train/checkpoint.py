@@ -1,5 +1,9 @@
 """Checkpoints: anchor weights in safetensors, optimizer and loader state beside them, all written atomically.
 
+A run directory's run.json names its on-disk format version (RUN_FORMAT_VERSION); a run written before
+versions existed (hiermem 0.1.0, format 1) still loads: its FFN and attention weights had other names
+(w1/w2/w3, wq/wk/wv/wo), which load_weights maps to today's.
+
 Layout of <run>/checkpoint/ (the folder is built under a temp name and renamed into place when complete):
   model.safetensors   anchor weights (tied weights stored once)
   optimizer.pt        anchor AdamW state (absent in frozen mode)
@@ -16,7 +20,37 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hiermem.errors import HiermemError
-from hiermem.io_utils import atomic_write_with
+from hiermem.io_utils import atomic_write_json, atomic_write_with
+
+RUN_JSON = "run.json"
+RUN_FORMAT = "hiermem-run"
+RUN_FORMAT_VERSION = 2  # 1: hiermem 0.1.0 (no run.json); 2: run.json, LLaMA/HF layer names, absolute data paths
+_V1_NAMES = {".w1.": ".gate_proj.", ".w2.": ".up_proj.", ".w3.": ".down_proj.", ".wq.": ".q_proj.",
+             ".wk.": ".k_proj.", ".wv.": ".v_proj.", ".wo.": ".o_proj."}
+
+
+def write_run_format(run_dir: Path) -> None:
+    atomic_write_json(run_dir / RUN_JSON, {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION})
+
+
+def read_run_format(run_dir: Path) -> int:
+    """The run's format version: 1 for a run without run.json; a newer version than ours is refused."""
+    path = run_dir / RUN_JSON
+    if not path.is_file():
+        if not (run_dir / "config.yaml").is_file():
+            raise HiermemError(f"{run_dir}: not a hiermem run directory (no config.yaml)")
+        return 1
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        fmt, version = meta["format"], meta["format_version"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HiermemError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if fmt != RUN_FORMAT or not isinstance(version, int):
+        raise HiermemError(f"{path}: not a hiermem run (format {fmt!r})")
+    if version > RUN_FORMAT_VERSION:
+        raise HiermemError(f"{path}: run format version {version} is newer than this hiermem reads "
+                           f"({RUN_FORMAT_VERSION}); upgrade hiermem")
+    return version
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -38,6 +72,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises several types for a damaged file
         raise HiermemError(f"{path}: cannot read weights ({str(e).splitlines()[0]})") from None
+    for old, new in _V1_NAMES.items():  # format 1 names
+        state = {k.replace(old, new): v for k, v in state.items()}
     if model.cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
     own = model.state_dict()

@@ -1,0 +1,124 @@
+"""One training step, shared by `hiermem train` and `hiermem bench`.
+
+    fetch the batch's memory blocks (each row's root-to-leaf path, or the generic block)
+    -> forward + backward over micro-batches (the loss normalised by the batch's count of target tokens)
+    -> one gradient norm over the anchor and the fetched blocks together, clipped without a host sync
+    -> the anchor's AdamW (fused on CUDA, foreach on CPU) and the bank's lazy AdamW on the fetched blocks only.
+
+Nothing here reads files or logs: the loop (train/loop.py) feeds batches and writes metrics, the benchmark feeds
+synthetic batches. The step returns tensors; converting them to Python numbers (a host sync) is the caller's
+choice, made only when it logs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hiermem.config import Config
+from hiermem.memory.bank import MemoryBank
+from hiermem.memory.fetch import FetchCounts, block_grads, fetch
+from hiermem.memory.optim import LazyAdamW
+from hiermem.model.transformer import Transformer
+from hiermem.train.schedule import warmup_cosine
+
+
+def anchor_optimizer(model: Transformer, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains are not decayed), as in nanoGPT."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    t = cfg.train
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, **fast)
+
+
+def bank_optimizer(bank: MemoryBank, cfg: Config) -> LazyAdamW:
+    m, t = cfg.memory, cfg.train
+    return LazyAdamW(bank, lr=m.lr, betas=(t.beta1, t.beta2), weight_decay=m.weight_decay)
+
+
+def generic_draw(cfg: Config, step: int, batch: int) -> torch.Tensor:
+    """Which sequences use the generic block this step. Seeded by (seed, step): resume-exact, no RNG state."""
+    p = cfg.memory.generic_prob
+    if p is None:
+        p = 1.0 / (cfg.routing.branching + 1)
+    if not cfg.memory.generic or p <= 0:
+        return torch.zeros(batch, dtype=torch.bool)
+    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
+    if cfg.memory.generic_sampling == "batch":
+        return torch.rand(1, generator=g).expand(batch) < p
+    return torch.rand(batch, generator=g) < p
+
+
+class TrainStep:
+    """The step for one model (+ bank). Call it with a batch on the CPU (input_ids, targets, positions,
+    segment_ids, and paths for memory runs) and the 0-based step number; it returns a dict of tensors
+    (loss, grad_norm, lr, and for memory runs lr_memory, blocks_updated, generic_frac)."""
+
+    def __init__(self, cfg: Config, model: Transformer, device: torch.device, total_steps: int,
+                 anchor_opt: torch.optim.Optimizer | None, bank: MemoryBank | None = None,
+                 bank_opt: LazyAdamW | None = None):
+        self.cfg, self.model, self.device, self.total_steps = cfg, model, device, total_steps
+        self.anchor_opt, self.bank, self.bank_opt = anchor_opt, bank, bank_opt
+        self.counts = FetchCounts(bank.spec) if bank is not None else None
+        self.autocast = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.train.compile:  # per block, as torchtitan does: the memory branch traces without a graph break
+            for block in model.blocks:
+                block.compile()
+
+    def __call__(self, batch: dict[str, torch.Tensor], step: int) -> dict:
+        cfg, t, m = self.cfg, self.cfg.train, self.cfg.memory
+        lr = warmup_cosine(step, self.total_steps, t.lr, t.lr_min, t.warmup_steps)
+        B = batch["input_ids"].shape[0]
+        out: dict = {"lr": lr}
+        f = use_generic = None
+        if self.bank is not None:
+            use_generic = generic_draw(cfg, step, B)
+            f = fetch(self.bank, batch["paths"], use_generic, device=self.device, requires_grad=True)
+            self.counts.add(f)
+        dev = {k: batch[k].to(self.device, non_blocking=True)
+               for k in ("input_ids", "targets", "positions", "segment_ids")}
+        n_valid = (dev["targets"] != -100).sum().clamp(min=1)
+        micro = math.ceil(B / t.grad_accum)
+        loss_sum = torch.zeros((), device=self.device)
+        for lo in range(0, B, micro):
+            sl = slice(lo, lo + micro)
+            memory = f.memory.rows(sl) if f is not None else None  # same leaves: gradients accumulate
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                _, loss = self.model(dev["input_ids"][sl], dev["targets"][sl], dev["positions"][sl],
+                                     dev["segment_ids"][sl], memory)
+            # weight each micro-batch by its share of the batch's target tokens: equals one big batch's mean
+            share = (dev["targets"][sl] != -100).sum() / n_valid
+            (loss * share).backward()
+            loss_sum += loss.detach() * share
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        sq = torch.stack(torch._foreach_norm(grads)).pow(2).sum() if grads else torch.zeros((), device=self.device)
+        bg = block_grads(f, self.bank.device) if f is not None else None
+        if bg is not None:
+            sq = sq + bg.norm_sq().to(sq.device)
+        norm = sq.sqrt()
+        if t.grad_clip > 0:  # one global norm over anchor and fetched memory; no host sync
+            scale = torch.where(norm > t.grad_clip, t.grad_clip / (norm + 1e-6), torch.ones_like(norm))
+            if grads:
+                torch._foreach_mul_(grads, scale)
+            if bg is not None:
+                bg.scale_(scale.to(self.bank.device))
+        if self.anchor_opt is not None:
+            for group in self.anchor_opt.param_groups:
+                group["lr"] = lr
+            self.anchor_opt.step()
+            self.anchor_opt.zero_grad(set_to_none=True)
+        out.update(loss=loss_sum, grad_norm=norm, tokens=n_valid)
+        if bg is not None:
+            lr_mem = warmup_cosine(step, self.total_steps, m.lr, m.lr_min, m.warmup_steps)
+            out.update(lr_memory=lr_mem, blocks_updated=self.bank_opt.step(bg, lr_mem),
+                       generic_frac=float(use_generic.float().mean()))
+        return out
+
+
+__all__ = ["TrainStep", "anchor_optimizer", "bank_optimizer", "generic_draw"]
