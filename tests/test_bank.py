@@ -1,25 +1,20 @@
+"""memory/bank.py: creation, block I/O, save/load (RAM and memory-mapped), checksums and the manifest format."""
+
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from hiermem.errors import HiermemError
-from hiermem.memory.bank import BankSpec, MemoryBank, Prefetcher, bank_param_counts
+from hiermem.memory.bank import FORMAT, FORMAT_VERSION, MemoryBank
+from hiermem.memory.fetch import fetch
+from hiermem.memory.spec import BankSpec
 from hiermem.model.fetched import DOWN, GATE, UP
 
 SPEC = BankSpec(d=8, n_layers=4, ranks=(3, 0, 2), branching=3, layers=(1, 3))
-
-
-def reference_weights(bank, paths, use_generic=None):
-    """Plain per-sequence Python: cat of the path's blocks per level (or the generic block)."""
-    rows = []
-    for b, path in enumerate(paths.tolist()):
-        if use_generic is not None and use_generic[b]:
-            rows.append(bank.generic[0])
-        else:
-            rows.append(torch.cat([lvl[path[l]] for l, lvl in enumerate(bank.levels) if lvl is not None], dim=2))
-    return torch.stack(rows)
+FIXTURE_BANK = Path(__file__).parent / "fixtures" / "run_v1" / "bank"
 
 
 def random_paths(spec, B, seed=0):
@@ -27,30 +22,15 @@ def random_paths(spec, B, seed=0):
     return np.stack([g.integers(0, spec.n_nodes(l), B) for l in range(spec.depth)], axis=1).astype(np.int64)
 
 
-def test_param_counts_match_the_paper():
-    paper = BankSpec(d=512, n_layers=35, ranks=(256, 64, 16, 0), branching=16)
-    c = bank_param_counts(paper)
-    assert c["fetched"] == 18_063_360 and c["bank"] == 4_624_220_160
-    assert c["generic"] == c["fetched"] and sum(c["per_level"]) == c["bank"] and c["per_level"][3] == 0
-    loc = bank_param_counts(BankSpec(d=512, n_layers=35, ranks=(0, 64, 0, 0), branching=16, generic=False))
-    assert loc["fetched"] == 3_440_640 and loc["bank"] == 880_803_840 and loc["generic"] == 0
-
-
-def test_shapes_levels_and_layer_placement():
+def test_parts_and_shapes():
     bank = MemoryBank.create(SPEC, seed=0)
-    assert SPEC.n_mem_layers == 2 and SPEC.first_layer == 1 and SPEC.fetched_rank == 5
-    assert [None if t is None else tuple(t.shape) for t in bank.levels] == [(3, 2, 3, 3, 8), None, (27, 2, 3, 2, 8)]
-    assert tuple(bank.generic.shape) == (1, 2, 3, 5, 8)
     assert bank.parts() == ["level0", "level2", "generic"]
-    f = bank.fetch(random_paths(SPEC, 4))
-    assert tuple(f.memory.weights.shape) == (4, 2, 3, 5, 8) and f.memory.first_layer == 1
-    assert f.memory.for_layer(0) is None and f.memory.for_layer(2) is not None and f.memory.for_layer(3) is None
+    assert {k: tuple(bank.part(k).shape) for k in bank.parts()} == {
+        "level0": (3, 2, 3, 3, 8), "level2": (27, 2, 3, 2, 8), "generic": (1, 2, 3, 5, 8)}
+    assert all(bank.part(k).dtype == torch.float32 for k in bank.parts())
+    assert bank.dir is None and not any(bank.is_mapped(k) for k in bank.parts())
     full = BankSpec(d=8, n_layers=4, ranks=(1,), branching=2, generic=False)
-    assert full.n_mem_layers == 4 and full.first_layer == 0 and MemoryBank.create(full, 0).generic is None
-    with pytest.raises(HiermemError, match=r"memory.layers"):
-        BankSpec(d=8, n_layers=4, ranks=(1,), branching=2, layers=(2, 5))
-    with pytest.raises(HiermemError, match=r"memory.ranks"):
-        BankSpec(d=8, n_layers=4, ranks=(0, 0), branching=2)
+    assert MemoryBank.create(full, 0).parts() == ["level0"]
 
 
 def test_init_distribution_and_determinism(tmp_path):
@@ -75,42 +55,16 @@ def test_init_distribution_and_determinism(tmp_path):
         MemoryBank.create(spec, seed=1, dir=tmp_path / "bank")
 
 
-def test_fetch_concatenates_levels_in_order_like_a_python_reference():
-    bank = MemoryBank.create(SPEC, seed=3)
-    # give down rows values too, so every slice of the reference comparison is informative
-    for k in bank.parts():
-        bank.write_blocks(k, torch.arange(bank.part(k).shape[0]), torch.randn(bank.part(k).shape))
-    paths = random_paths(SPEC, 7, seed=1)
-    paths[1] = paths[0]  # shared blocks
-    f = bank.fetch(torch.from_numpy(paths))
-    assert torch.equal(f.memory.weights, reference_weights(bank, paths))
-    assert not f.memory.weights.requires_grad
-    g = bank.fetch(paths, requires_grad=True)
-    assert g.memory.weights.is_leaf and g.memory.weights.requires_grad
-
-
-def test_generic_substitution_and_fetch_counts():
-    bank = MemoryBank.create(SPEC, seed=4)
-    bank.write_blocks("generic", torch.tensor([0]), torch.randn(bank.generic.shape))
-    paths = random_paths(SPEC, 6, seed=2)
-    use = torch.tensor([True, False, False, True, False, False])
-    f = bank.fetch(paths, use)
-    assert torch.equal(f.memory.weights, reference_weights(bank, paths, use))
-    bank.record(f)
-    assert bank.generic_fetch_count == 2
-    assert bank.fetch_counts[0].sum() == 4 and bank.fetch_counts[1].sum() == 0 and bank.fetch_counts[2].sum() == 4
-    np.testing.assert_array_equal(bank.fetch_counts[0], np.bincount(paths[~use.numpy(), 0], minlength=3))
-    no_generic = MemoryBank.create(BankSpec(d=8, n_layers=4, ranks=(3,), branching=3, generic=False), 0)
-    with pytest.raises(HiermemError, match="no generic block"):
-        no_generic.fetch(np.zeros((2, 1), np.int64), torch.tensor([True, False]))
-
-
-def test_bad_paths_are_refused():
-    bank = MemoryBank.create(SPEC, seed=0)
-    with pytest.raises(HiermemError, match=r"level 2 node ids must be in \[0, 27\), got 27"):
-        bank.fetch(np.array([[0, 0, 27]]))
-    with pytest.raises(HiermemError, match=r"expected shape \[B, 3\]"):
-        bank.fetch(np.array([[0, 0]]))
+def test_read_and_write_blocks():
+    bank = MemoryBank.create(SPEC, seed=2)
+    ids = torch.tensor([4, 9])
+    assert torch.equal(bank.read_blocks("level2", ids), bank.part("level2")[ids])
+    new = torch.randn(2, 2, 3, 2, 8)
+    bank.write_blocks("level2", ids, new)
+    assert torch.equal(bank.part("level2")[ids], new) and torch.equal(bank.read_blocks("level2", ids), new)
+    copy = bank.read_blocks("level2", ids)
+    copy.zero_()  # read_blocks hands out a copy, never a view of the bank
+    assert torch.equal(bank.part("level2")[ids], new)
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):
@@ -119,6 +73,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     bank.save(tmp_path / "bank")
     man = json.loads((tmp_path / "bank" / "manifest.json").read_text())
     assert sorted(man["parts"]) == ["generic", "level0", "level2"] and len(man["parts"]["level2"]["checksums"]) == 27
+    assert man["format"] == FORMAT == "hiermem-bank" and man["format_version"] == FORMAT_VERSION == 2
     for kw in (dict(mmap=True, cache_levels=1), dict(mmap=False), dict(mmap=True, cache_levels=0, verify="all")):
         back = MemoryBank.load(tmp_path / "bank", **kw)
         assert back.spec == SPEC
@@ -127,7 +82,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     back = MemoryBank.load(tmp_path / "bank", cache_levels=1)
     assert not back.is_mapped("level0") and back.is_mapped("level2") and not back.is_mapped("generic")
     paths = random_paths(SPEC, 5)
-    assert torch.equal(back.fetch(paths).memory.weights, bank.fetch(paths).memory.weights)
+    for a, b in zip(fetch(back, paths).memory.parts, fetch(bank, paths).memory.parts):
+        assert torch.equal(a.weights, b.weights) and torch.equal(a.index, b.index)
     # in-place save of a memory-mapped bank re-checksums the written blocks; the reload verifies them
     back.write_blocks("level2", torch.tensor([1]), torch.ones(1, 2, 3, 2, 8))
     back.write_blocks("level0", torch.tensor([2]), torch.ones(1, 2, 3, 3, 8))
@@ -140,6 +96,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     other = BankSpec(d=8, n_layers=4, ranks=(4, 0, 2), branching=3, layers=(1, 3))
     with pytest.raises(HiermemError, match=r"^memory\.ranks: bank has \(3, 0, 2\), config has \(4, 0, 2\)$"):
         back.check_compatible(other)
+    back.check_compatible(BankSpec(d=8, n_layers=4, ranks=(3, 0, 2), branching=3, layers=(1, 3), init_std=0.5))
 
 
 def test_in_place_save_after_a_save_elsewhere_writes_ram_parts(tmp_path):
@@ -158,6 +115,21 @@ def test_in_place_save_after_a_save_elsewhere_writes_ram_parts(tmp_path):
             assert torch.equal(again.part(k), bank.part(k)), (folder, k)
 
 
+def test_read_only_and_mapped_banks_refuse_what_they_cannot_do(tmp_path):
+    MemoryBank.create(SPEC, seed=3).save(tmp_path / "bank")
+    ro = MemoryBank.load(tmp_path / "bank", writable=False, cache_levels=0)
+    with pytest.raises(HiermemError, match="opened read-only"):
+        ro.write_blocks("level0", torch.tensor([0]), torch.zeros(1, 2, 3, 3, 8))
+    with pytest.raises(HiermemError, match="memory-mapped bank stays on the CPU"):
+        ro.to("cpu")
+    ram = MemoryBank.load(tmp_path / "bank", mmap=False)
+    assert ram.to("cpu").device == torch.device("cpu")
+    with pytest.raises(ValueError, match="verify must be"):
+        MemoryBank.load(tmp_path / "bank", verify="sometimes")
+    with pytest.raises(ValueError, match="has no folder"):
+        MemoryBank.create(SPEC, seed=3).save()
+
+
 def _flip_byte(path, key_shape, block, byte_in_block=5):
     offset = np.load(path, mmap_mode="r").offset
     block_bytes = int(np.prod(key_shape[1:])) * 4
@@ -173,15 +145,24 @@ def test_corrupted_block_is_named(tmp_path):
     MemoryBank.create(SPEC, seed=6, dir=d)
     _flip_byte(d / "level2.npy", SPEC.part_shape("level2"), block=17)
     bank = MemoryBank.load(d, verify="fetch", cache_levels=1)  # lazy: only fetched blocks are checked
-    bank.fetch(np.array([[0, 0, 16], [1, 0, 18]]))
+    fetch(bank, np.array([[0, 0, 16], [1, 0, 18]]))
     msg = f"{d / 'level2.npy'}: block 17 of level 2 is corrupted (checksum mismatch)"
     with pytest.raises(HiermemError) as e:
-        bank.fetch(np.array([[0, 0, 3], [2, 0, 17]]))
+        fetch(bank, np.array([[0, 0, 3], [2, 0, 17]]))
     assert str(e.value) == msg
     with pytest.raises(HiermemError) as e:
         MemoryBank.load(d, verify="all")
     assert str(e.value) == msg
-    MemoryBank.load(d, verify="none").fetch(np.array([[0, 0, 17]]))  # trusted as asked
+    fetch(MemoryBank.load(d, verify="none"), np.array([[0, 0, 17]]))  # trusted as asked
+
+
+def test_corrupted_generic_block_is_named(tmp_path):
+    d = tmp_path / "bank"
+    MemoryBank.create(SPEC, seed=6).save(d)
+    _flip_byte(d / "generic.npy", SPEC.part_shape("generic"), block=0)
+    with pytest.raises(HiermemError) as e:
+        MemoryBank.load(d, verify="all")
+    assert str(e.value) == f"{d / 'generic.npy'}: the generic block is corrupted (checksum mismatch)"
 
 
 def test_manifest_and_file_mismatches_are_refused(tmp_path):
@@ -194,6 +175,22 @@ def test_manifest_and_file_mismatches_are_refused(tmp_path):
     bad["parts"]["level2"]["shape"] = [27, 2, 3, 4, 8]
     man_path.write_text(json.dumps(bad))
     with pytest.raises(HiermemError, match=r"manifest.json: level2 has shape \(27, 2, 3, 4, 8\), its spec needs"):
+        MemoryBank.load(d)
+
+    bad = json.loads(json.dumps(man))
+    bad["parts"]["level2"]["checksums"] = bad["parts"]["level2"]["checksums"][:-1]
+    man_path.write_text(json.dumps(bad))
+    with pytest.raises(HiermemError, match=r"manifest.json: level2 lists 26 checksums for 27 blocks"):
+        MemoryBank.load(d)
+
+    bad = json.loads(json.dumps(man))
+    del bad["parts"]["generic"]
+    man_path.write_text(json.dumps(bad))
+    with pytest.raises(HiermemError, match=r"manifest.json: lists parts \['level0', 'level2'\], its spec needs"):
+        MemoryBank.load(d)
+
+    man_path.write_text("{not json")
+    with pytest.raises(HiermemError, match=r"manifest.json: unreadable manifest"):
         MemoryBank.load(d)
 
     man_path.write_text(json.dumps(man))
@@ -211,22 +208,34 @@ def test_manifest_and_file_mismatches_are_refused(tmp_path):
         MemoryBank.load(d)
 
 
-def test_prefetcher_returns_what_fetch_returns():
+def test_format_versions(tmp_path):
+    d = tmp_path / "bank"
     bank = MemoryBank.create(SPEC, seed=8)
-    paths = random_paths(SPEC, 5, seed=3)
-    use = torch.tensor([False, True, False, False, False])
-    with Prefetcher(bank, requires_grad=True) as pf:
-        pf.submit(paths, use)
-        got = pf.result()
-        want = bank.fetch(paths, use)
-        assert torch.equal(got.memory.weights, want.memory.weights) and got.memory.weights.requires_grad
-        for k in want.node_ids:
-            assert torch.equal(got.node_ids[k], want.node_ids[k]) and torch.equal(got.inverse[k], want.inverse[k])
-        # a block written after the prefetch gathered it (an optimizer step) is re-read by result()
-        pf.submit(paths, use)
-        pf._pending.result()
-        bank.write_blocks("level0", torch.from_numpy(paths[:1, 0]), torch.full((1, 2, 3, 3, 8), 7.0))
-        bank.write_blocks("generic", torch.tensor([0]), torch.full((1, 2, 3, 5, 8), 3.0))
-        got = pf.result()
-        assert torch.equal(got.memory.weights, bank.fetch(paths, use).memory.weights)
-        assert torch.equal(got.memory.weights[1], torch.full((2, 3, 5, 8), 3.0))
+    bank.write_blocks("level0", torch.tensor([1]), torch.randn(1, 2, 3, 3, 8))
+    bank.save(d)
+    man_path = d / "manifest.json"
+    man = json.loads(man_path.read_text())
+
+    old = {k: v for k, v in man.items() if k != "format_version"} | {"format": "hiermem-bank/1"}  # hiermem 0.1.0
+    man_path.write_text(json.dumps(old))
+    back = MemoryBank.load(d, verify="all")
+    for k in bank.parts():
+        assert torch.equal(back.part(k), bank.part(k))
+    back.save()  # re-saved in the current format
+    assert json.loads(man_path.read_text())["format_version"] == FORMAT_VERSION
+
+    man_path.write_text(json.dumps(man | {"format_version": 99}))
+    with pytest.raises(HiermemError) as e:
+        MemoryBank.load(d)
+    assert str(man_path) in str(e.value) and "version 99" in str(e.value)
+    for bad in (man | {"format": "something-else"}, {k: v for k, v in man.items() if k != "format_version"}):
+        man_path.write_text(json.dumps(bad))
+        with pytest.raises(HiermemError, match=r"manifest.json: not a hiermem bank manifest"):
+            MemoryBank.load(d)
+
+
+def test_a_bank_written_by_hiermem_0_1_0_still_loads():
+    man = json.loads((FIXTURE_BANK / "manifest.json").read_text())
+    assert man["format"] == "hiermem-bank/1" and "format_version" not in man
+    bank = MemoryBank.load(FIXTURE_BANK, mmap=False, verify="all", writable=False)
+    assert sorted(bank.parts()) == sorted(man["parts"]) and bank.spec.to_dict() == man["spec"]

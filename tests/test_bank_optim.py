@@ -3,19 +3,28 @@ import pytest
 import torch
 
 from hiermem.errors import HiermemError
-from hiermem.memory.bank import BankSpec, MemoryBank
+from hiermem.memory.bank import MemoryBank
+from hiermem.memory.fetch import block_grads, fetch
 from hiermem.memory.optim import LazyAdamW
+from hiermem.memory.spec import BankSpec
 
 SPEC = BankSpec(d=4, n_layers=2, ranks=(2, 3), branching=2)  # level0: 2 nodes, level1: 4 nodes, + generic
 HYPER = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
+def fetched_rows(memory):
+    """Each row's neurons [B, n_mem_layers, 3, R, d], differentiable in the fetch's distinct blocks."""
+    layers = memory.per_layer(memory.first_layer + memory.n_layers)[memory.first_layer:]
+    return torch.stack([layer.expand_traceable() for layer in layers], dim=1)
+
+
 def grads_for(bank, paths, use_generic=None, seed=0):
     """Backward of a random linear loss on the fetched weights -> per-block gradients."""
-    f = bank.fetch(np.asarray(paths, np.int64), use_generic, requires_grad=True)
-    coeff = torch.randn(f.memory.weights.shape, generator=torch.Generator().manual_seed(seed))
-    (f.memory.weights * coeff).sum().backward()
-    return bank.block_grads(f)
+    f = fetch(bank, np.asarray(paths, np.int64), use_generic, requires_grad=True)
+    rows = fetched_rows(f.memory)
+    coeff = torch.randn(rows.shape, generator=torch.Generator().manual_seed(seed))
+    (rows * coeff).sum().backward()
+    return block_grads(f, bank.device)
 
 
 def snapshot(bank, opt):
@@ -39,10 +48,11 @@ def test_untouched_blocks_stay_bit_identical():
 
 def test_gradient_of_a_shared_block_is_the_sum_over_sequences():
     bank = MemoryBank.create(SPEC, seed=0)
-    f = bank.fetch(np.array([[1, 2], [1, 0], [0, 2]]), torch.tensor([False, False, True]), requires_grad=True)
-    coeff = torch.randn(f.memory.weights.shape)
-    (f.memory.weights * coeff).sum().backward()
-    bg = bank.block_grads(f)
+    f = fetch(bank, np.array([[1, 2], [1, 0], [0, 2]]), torch.tensor([False, False, True]), requires_grad=True)
+    rows = fetched_rows(f.memory)
+    coeff = torch.randn(rows.shape)
+    (rows * coeff).sum().backward()
+    bg = block_grads(f, bank.device)
     assert bg.ids["level0"].tolist() == [1] and bg.ids["level1"].tolist() == [0, 2]
     torch.testing.assert_close(bg.grads["level0"][0], coeff[0, :, :, 0:2] + coeff[1, :, :, 0:2], rtol=0, atol=0)
     torch.testing.assert_close(bg.grads["level1"][1], coeff[0, :, :, 2:5], rtol=0, atol=0)

@@ -9,12 +9,12 @@ from hiermem.data.packing import (
     BatchSampler,
     DocTokens,
     PackedDataset,
-    doc_attention_mask,
     pack_sequences,
     token_dtype,
     write_doc_tokens,
 )
 from hiermem.errors import HiermemError
+from hiermem.model.transformer import document_mask
 
 EOS, PAD, P = 1, 0, PAD_SEGMENT
 DOCS = [[10, 11, 12], [40], [20, 21], [30, 31, 32, 33, 34, 35], []]
@@ -122,7 +122,7 @@ def test_groups_never_mixed_random(tmp_path):
 
 def test_attention_mask_matches_reference():
     seg = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 1, 2, 2, -1, -1], [0, 0, 0, 0, 0, 0]])
-    mask = doc_attention_mask(seg)
+    mask = document_mask(seg, "sdpa")  # dense: some rows hold several documents or padding
     assert mask.shape == (3, 1, 6, 6) and mask.dtype == torch.bool
     for b in range(3):
         for i in range(6):
@@ -134,6 +134,10 @@ def test_attention_mask_matches_reference():
     q = torch.randn(3, 1, 6, 4)
     out = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     assert torch.isfinite(out).all()
+    # a batch whose every row is one whole document needs no mask: plain causal attention
+    assert document_mask(seg[2:], "sdpa") is None
+    causal = torch.nn.functional.scaled_dot_product_attention(q[2:], q[2:], q[2:], is_causal=True)
+    torch.testing.assert_close(causal, out[2:])
 
 
 def test_sampler_epochs_cover_everything():

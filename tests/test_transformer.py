@@ -3,10 +3,11 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 
 from hiermem.config import ModelConfig
 from hiermem.model import FetchedMemory
-from hiermem.model.transformer import Transformer, count_parameters
+from hiermem.model.transformer import Transformer, count_parameters, document_mask
 
 TINY = ModelConfig(vocab_size=97, n_layers=3, d_model=32, n_heads=2, head_dim=8, d_ff=48, max_seq_len=32)
 
@@ -42,16 +43,16 @@ def test_zero_memory_is_bit_identical_to_anchor():
     w[:, :, 2] = 0  # down part zero, as a fresh bank initialises it
     with torch.no_grad():
         plain, _ = m(ids)
-        with_mem, _ = m(ids, memory=FetchedMemory(w))
+        with_mem, _ = m(ids, memory=FetchedMemory.per_sequence(w))
     assert torch.equal(plain, with_mem)
 
 
 def test_batched_memory_equals_concatenated_ffn_per_sequence():
-    """Memory = extra SwiGLU neurons: per sequence, concatenate them into W1/W2/W3 and run a plain model."""
+    """Memory = extra SwiGLU neurons: per sequence, concatenate them into gate/up/down_proj and run a plain model."""
     m = tiny()
     ids = torch.randint(0, 97, (3, 12))
     w = torch.randn(3, 2, 3, 4, 32) * 0.3
-    mem = FetchedMemory(w, first_layer=1)  # layers 1 and 2 only
+    mem = FetchedMemory.per_sequence(w, first_layer=1)  # layers 1 and 2 only
     with torch.no_grad():
         batched, _ = m(ids, memory=mem)
         for b in range(3):
@@ -59,35 +60,98 @@ def test_batched_memory_equals_concatenated_ffn_per_sequence():
             state = {k: v.clone() for k, v in m.state_dict().items()}
             for j, layer in enumerate((1, 2)):
                 p = f"blocks.{layer}.ffn."
-                state[p + "w1.weight"] = torch.cat([state[p + "w1.weight"], w[b, j, 0]], 0)
-                state[p + "w2.weight"] = torch.cat([state[p + "w2.weight"], w[b, j, 1]], 0)
-                state[p + "w3.weight"] = torch.cat([state[p + "w3.weight"], w[b, j, 2].T], 1)
+                state[p + "gate_proj.weight"] = torch.cat([state[p + "gate_proj.weight"], w[b, j, 0]], 0)
+                state[p + "up_proj.weight"] = torch.cat([state[p + "up_proj.weight"], w[b, j, 1]], 0)
+                state[p + "down_proj.weight"] = torch.cat([state[p + "down_proj.weight"], w[b, j, 2].T], 1)
             for layer in (0,):  # layer 0 has no memory: pad with neurons whose down column is zero
                 p = f"blocks.{layer}.ffn."
-                state[p + "w1.weight"] = torch.cat([state[p + "w1.weight"], torch.zeros(4, 32)], 0)
-                state[p + "w2.weight"] = torch.cat([state[p + "w2.weight"], torch.zeros(4, 32)], 0)
-                state[p + "w3.weight"] = torch.cat([state[p + "w3.weight"], torch.zeros(32, 4)], 1)
+                state[p + "gate_proj.weight"] = torch.cat([state[p + "gate_proj.weight"], torch.zeros(4, 32)], 0)
+                state[p + "up_proj.weight"] = torch.cat([state[p + "up_proj.weight"], torch.zeros(4, 32)], 0)
+                state[p + "down_proj.weight"] = torch.cat([state[p + "down_proj.weight"], torch.zeros(32, 4)], 1)
             ref.load_state_dict(state)
             expected, _ = ref(ids[b : b + 1])
             torch.testing.assert_close(batched[b : b + 1], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_document_mask_equals_separate_documents():
-    """Two documents packed in one row with the doc mask and restarting positions == each run alone."""
+def test_segment_ids_give_each_document_the_logits_it_has_alone():
+    """Packed rows (several documents, restarting positions, padding) == each document run alone."""
     m = tiny()
-    a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5))
-    ids = torch.cat([a, b], 1)
-    seg = torch.tensor([[0] * 7 + [1] * 5])
-    pos = torch.tensor([list(range(7)) + list(range(5))])
-    T = ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = (seg[:, :, None] == seg[:, None, :]) & causal
+    g = torch.Generator().manual_seed(1)
+    docs = [[7, 5], [4], [6, 3]]  # per row: document lengths; row 1 ends in 3 padding tokens
+    T = 12
+    ids = torch.randint(0, 97, (3, T), generator=g)
+    seg = torch.full((3, T), -1)
+    pos = torch.zeros(3, T, dtype=torch.long)
+    for b, lengths in enumerate(docs):
+        lo = 0
+        for s, n in enumerate(lengths):
+            seg[b, lo:lo + n], pos[b, lo:lo + n] = s, torch.arange(n)
+            lo += n
     with torch.no_grad():
-        packed, _ = m(ids, positions=pos, mask=mask[:, None])
-        ra, _ = m(a)
-        rb, _ = m(b)
-    torch.testing.assert_close(packed[:, :7], ra, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(packed[:, 7:], rb, atol=1e-5, rtol=1e-5)
+        packed, _ = m(ids, positions=pos, segment_ids=seg)
+        for b, lengths in enumerate(docs):
+            lo = 0
+            for n in lengths:
+                alone, _ = m(ids[b:b + 1, lo:lo + n])
+                torch.testing.assert_close(packed[b:b + 1, lo:lo + n], alone, atol=1e-5, rtol=1e-5)
+                lo += n
+        assert torch.isfinite(packed).all()  # padding queries attend to themselves: no NaN
+        whole, _ = m(ids)  # one whole document per row: segment ids change nothing
+        torch.testing.assert_close(m(ids, segment_ids=torch.zeros(3, T, dtype=torch.long))[0], whole,
+                                   atol=0, rtol=0)
+
+
+def test_document_mask_is_none_exactly_for_rows_that_are_whole_documents():
+    assert document_mask(torch.zeros(2, 5, dtype=torch.long), "sdpa") is None
+    assert document_mask(torch.tensor([[0, 0, 0], [3, 3, 3]]), "sdpa") is None  # one document per row
+    for seg in ([[0, 0, 1], [0, 0, 0]],  # two documents in a row
+                [[0, 0, -1], [0, 0, 0]],  # padding
+                [[-1, -1, -1], [0, 0, 0]]):  # a row of padding only
+        mask = document_mask(torch.tensor(seg), "sdpa")
+        assert isinstance(mask, torch.Tensor) and mask.shape == (2, 1, 3, 3) and mask.dtype == torch.bool
+    assert isinstance(document_mask(torch.zeros(2, 5, dtype=torch.long), "flex"), BlockMask)  # flex: always
+
+
+def packed_rows():
+    """Token ids, targets, positions and segment ids of three packed rows: several documents, one whole-document
+    row, padding at the ends."""
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1, -1],
+                        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                        [0, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1]])
+    pos = torch.zeros_like(seg)
+    for b in range(3):
+        for i in range(1, 12):
+            pos[b, i] = pos[b, i - 1] + 1 if seg[b, i] == seg[b, i - 1] and seg[b, i] >= 0 else 0
+    ids = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(2))
+    return ids, torch.where(seg >= 0, ids, -100), pos, seg
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_equals_the_dense_sdpa_mask():
+    """model.attention=flex (a BlockMask) and sdpa (a dense boolean mask) give the same forward on packed rows
+    with padding (FlexAttention has no backward on CPU; the GPU test below checks gradients)."""
+    ids, tgt, pos, seg = packed_rows()
+    out = {}
+    with torch.no_grad():
+        for kind in ("sdpa", "flex"):
+            out[kind] = tiny(attention=kind)(ids, tgt, positions=pos, segment_ids=seg)
+    torch.testing.assert_close(out["flex"][0], out["sdpa"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["flex"][1], out["sdpa"][1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flex_attention_equals_the_dense_sdpa_mask_with_gradients_on_gpu():
+    ids, tgt, pos, seg = (t.cuda() for t in packed_rows())
+    out = {}
+    for kind in ("sdpa", "flex"):
+        m = tiny(attention=kind).cuda()
+        logits, loss = m(ids, tgt, positions=pos, segment_ids=seg)
+        loss.backward()
+        out[kind] = logits.detach(), {n: p.grad for n, p in m.named_parameters()}
+    torch.testing.assert_close(out["flex"][0], out["sdpa"][0], atol=1e-4, rtol=1e-4)
+    for n, g in out["sdpa"][1].items():
+        torch.testing.assert_close(out["flex"][1][n], g, atol=1e-4, rtol=1e-3, msg=n)
 
 
 def test_attention_matches_explicit_reference():
@@ -103,12 +167,12 @@ def test_attention_matches_explicit_reference():
     cos, sin = rope_tables(pos, 8, TINY.rope_base)
     with torch.no_grad():
         got = attn(x, cos, sin, mask)
-        q = apply_rope(attn.wq(x).view(2, 6, 2, 8).transpose(1, 2), cos, sin)
-        k = apply_rope(attn.wk(x).view(2, 6, 2, 8).transpose(1, 2), cos, sin)
-        v = attn.wv(x).view(2, 6, 2, 8).transpose(1, 2)
+        q = apply_rope(attn.q_proj(x).view(2, 6, 2, 8).transpose(1, 2), cos, sin)
+        k = apply_rope(attn.k_proj(x).view(2, 6, 2, 8).transpose(1, 2), cos, sin)
+        v = attn.v_proj(x).view(2, 6, 2, 8).transpose(1, 2)
         scores = (q @ k.transpose(-1, -2)) / 8**0.5
         scores = scores.masked_fill(~mask, float("-inf"))
-        ref = attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 6, 16))
+        ref = attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 6, 16))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -127,7 +191,7 @@ def test_memory_gradient_flows_only_through_memory_leaf():
     m = tiny()
     w = torch.zeros(2, 3, 3, 4, 32, requires_grad=True)
     ids = torch.randint(0, 97, (2, 8))
-    _, loss = m(ids, targets=ids, memory=FetchedMemory(w))
+    _, loss = m(ids, targets=ids, memory=FetchedMemory.per_sequence(w))
     loss.backward()
     # with a zero down part, only the down rows receive gradient at step 0 (gate/up see zero upstream grad)
     assert w.grad[:, :, 2].abs().sum() == 0  # silu(0)*0 = 0 activations -> zero grad for down too
@@ -135,7 +199,7 @@ def test_memory_gradient_flows_only_through_memory_leaf():
     w2[:, :, 2] = 0
     w2.requires_grad_(True)
     m.zero_grad()
-    _, loss = m(ids, targets=ids, memory=FetchedMemory(w2))
+    _, loss = m(ids, targets=ids, memory=FetchedMemory.per_sequence(w2))
     loss.backward()
     assert w2.grad[:, :, 2].abs().sum() > 0
     assert w2.grad[:, :, :2].abs().sum() == 0

@@ -3,7 +3,7 @@
 Only the blocks fetched in a step are updated: their moments, their weight decay and their own step count
 (bias corrections use the per-block count). Every other block, with its m, v and count, stays bit-identical:
 dense AdamW would keep moving un-fetched blocks through stale momentum and decoupled weight decay
-(METHOD.md §5.4). The update itself mirrors torch.optim.AdamW's single-tensor code, op for op.
+(docs/method.md §6.2). The update itself mirrors torch.optim.AdamW's single-tensor code, op for op.
 
 State per part ("level{l}", "generic"): m and v arrays shaped like the part and an int64 step count per block.
 For memory-mapped parts m and v are memory-mapped files too, in state_dir (default: <bank dir>/adam), and that
@@ -23,7 +23,9 @@ import torch
 
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_write_json
-from hiermem.memory.bank import BlockGrads, MemoryBank, open_npy, rows_per_chunk, save_npy
+from hiermem.memory.bank import MemoryBank
+from hiermem.memory.fetch import BlockGrads
+from hiermem.memory.files import open_npy, rows_per_chunk, save_npy
 
 STATE_JSON = "adam.json"
 FORMAT = "hiermem-lazy-adamw/1"

@@ -117,6 +117,14 @@ class FetchedMemory:
         parts = [MemoryPart(p.weights, p.index[sl], p.offset, p.name) for p in self.parts]
         return FetchedMemory(parts, self.rank, self.first_layer)
 
+    def neurons(self) -> torch.Tensor:
+        """Each row's extra neurons [B, n_mem_layers, 3, R, d] in full (a reference view, for tests and
+        inspection; the model never builds it)."""
+        d = self.parts[0].weights.shape[-1]
+        layers = self.per_layer(self.first_layer + self.n_layers)[self.first_layer:]
+        zero = self.parts[0].weights.new_zeros((self.batch_size, 3, self.rank, d))
+        return torch.stack([zero if m is None else m.expand(self.parts[0].weights.dtype) for m in layers], 1)
+
     def per_layer(self, n_layers: int) -> list["MemoryLayer | None"]:
         """One MemoryLayer per model layer (None where the memory does not reach). The per-layer views come
         from one unbind per part, whose backward stacks the layers' gradients once: selecting weights[:, j]
@@ -167,14 +175,14 @@ class MemoryLayer:
         return out
 
     def reduce(self, grad_rows: torch.Tensor) -> list[torch.Tensor]:
-        """Per part: the rows' gradient [B, 3, R, d] summed into the distinct blocks (float32, U-sized)."""
+        """Per part: the rows' gradient [B, 3, R, d] summed into the distinct blocks (at least float32, U-sized)."""
         out = []
         for w, p, r in zip(self.weights, self.parts, self.rows):
             g = grad_rows[:, :, p.offset:p.offset + p.rank]
             if r.rows is not None:
                 g = g.index_select(0, r.rows)
-            acc = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-            acc.index_add_(0, r.sel, g.float())
+            acc = torch.zeros(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
+            acc.index_add_(0, r.sel, g.to(acc.dtype))
             out.append(acc.to(w.dtype))
         return out
 
