@@ -57,7 +57,7 @@ def write_topic_corpus(path, n=320, seed=0):
 @pytest.fixture(scope="session")
 def longtail_dir(tmp_path_factory):
     """A small long-tail corpus folder (corpus.jsonl, probes*.jsonl, entities.json)."""
-    from hiermem.data.longtail import LongTailConfig, build_corpus, write_corpus
+    from hiermem_experiments.longtail.corpus import LongTailConfig, build_corpus, write_corpus
 
     out = tmp_path_factory.mktemp("longtail")
     write_corpus(build_corpus(LongTailConfig(n_entities=30, n_unseen=6, n_background=40)), out)

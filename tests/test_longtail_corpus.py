@@ -1,3 +1,5 @@
+"""hiermem_experiments.longtail.corpus: the long-tail corpus (real city facts, Zipf mentions, Wikipedia leads)."""
+
 import dataclasses
 import json
 import re
@@ -5,9 +7,10 @@ from collections import Counter
 
 import pytest
 
-from hiermem.data import longtail as lt
-from hiermem.data.longtail import LongTailConfig, bucket_labels, bucket_of, build_corpus, write_corpus
 from hiermem.errors import HiermemError
+from hiermem_experiments.longtail import corpus as lt
+from hiermem_experiments.longtail.buckets import bucket_of
+from hiermem_experiments.longtail.corpus import LongTailConfig, build_corpus, write_corpus
 
 SMALL = LongTailConfig(seed=3, n_entities=150, n_unseen=40, head_mentions=30, n_background=60)
 
@@ -27,10 +30,10 @@ def test_zipf_counts_follow_the_formula(corpus):
     assert lt.zipf_mentions(3, 200, 0.606, 2) == [200, 131, 103]
 
 
-def test_default_head_and_tail_match_feasibility():
+def test_default_head_and_tail_match_the_prototype():
     counts = lt.zipf_mentions(2000, 200, 0.606, 2)
     sizes = Counter(bucket_of(c) for c in counts)
-    # FEASIBILITY.md: 617 / 859 / 372 / 121 / 31 (rounding ties may move an entity or two)
+    # docs/method.md §9: 617 / 859 / 372 / 121 / 31 (rounding ties may move an entity or two)
     for label, want in {"2": 617, "3-4": 859, "5-9": 372, "10-24": 121, "25+": 31}.items():
         assert abs(sizes[label] - want) <= 3
 
@@ -112,15 +115,6 @@ def test_missing_wiki_package_is_a_clear_error(monkeypatch):
         build_corpus(SMALL)
 
 
-def test_buckets():
-    assert bucket_labels() == ["unseen", "1", "2", "3-4", "5-9", "10-24", "25+"]
-    cases = {0: "unseen", 1: "1", 2: "2", 3: "3-4", 4: "3-4", 5: "5-9", 9: "5-9", 10: "10-24", 24: "10-24",
-             25: "25+", 200: "25+"}
-    for freq, label in cases.items():
-        assert bucket_of(freq) == label
-    assert bucket_of(7, (1, 5)) == "5+" and bucket_of(3, (1, 5)) == "1-4"
-
-
 def test_default_buckets_listed(corpus):
     assert corpus.buckets == ["unseen", "2", "3-4", "5-9", "10-24", "25+"]
 
@@ -139,19 +133,22 @@ def test_write_is_deterministic(tmp_path, corpus):
     assert back.probes == corpus.probes and back.config == SMALL and back.buckets == corpus.buckets
 
 
+def test_a_corpus_written_by_an_older_version_still_loads(tmp_path, corpus):
+    """Older versions wrote the since removed `elements` option (off by default) into entities.json."""
+    paths = write_corpus(corpus, tmp_path)
+    meta = json.loads(paths["entities"].read_text())
+    meta["config"]["elements"] = False
+    paths["entities"].write_text(json.dumps(meta))
+    assert lt.load_corpus(tmp_path).config == SMALL
+    meta["config"]["elements"] = True  # a corpus with element facts is not one this version can build
+    paths["entities"].write_text(json.dumps(meta))
+    with pytest.raises(HiermemError, match="not a long-tail corpus folder"):
+        lt.load_corpus(tmp_path)
+
+
 def test_too_many_entities_is_a_clear_error():
     with pytest.raises(HiermemError, match="max_per_country"):
         build_corpus(dataclasses.replace(SMALL, max_per_country=1, n_entities=400, n_background=5))
-
-
-def test_elements_option():
-    c = build_corpus(dataclasses.replace(SMALL, n_entities=20, n_unseen=5, n_background=5, elements=True))
-    el = [p for p in c.probes if p["fact"] == "atomic_number"]
-    assert len(el) == 118
-    sodium = next(p for p in el if p["entity"] == "Sodium")
-    assert sodium["prompt"] == "The atomic number of Sodium is" and sodium["answer"] == "11"
-    texts = [d["text"] for d in c.documents if d["entity"] == "Sodium"]
-    assert len(texts) == sodium["frequency"] and all("The atomic number of Sodium is 11." in t for t in texts)
 
 
 def test_default_corpus_is_feasible():

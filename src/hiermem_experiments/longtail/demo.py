@@ -1,4 +1,4 @@
-"""`hiermem demo`: the long-tail knowledge demo (METHOD.md §6.9, the paper's Figure 1 at CPU scale).
+"""`hiermem demo`: the long-tail knowledge demo (docs/method.md §7.7, the paper's Figure 1 at CPU scale).
 
 Every model sees the same documents for the same number of epochs:
   anchor         the anchor alone, one cosine schedule over all epochs (the strong baseline)
@@ -9,16 +9,16 @@ Every model sees the same documents for the same number of epochs:
 Probes: "<city> has a population of about" -> the population as written in training (exact match, greedy),
 by how often the city was mentioned in training; the country probe is reported next to its leaf prior.
 
-Stages are cached in the output folder; independent trainings run in parallel processes (one thread each).
+The set-up follows the prototype of docs/method.md §9. Presets are YAML files in ``presets/`` (demo-cpu, the
+default; demo-quick; demo-gpu; demo-160m), or any YAML path: the DemoSpec fields plus a ``corpus:`` mapping of
+LongTailConfig fields; a key left out keeps the dataclass default. Stages are cached in the output folder;
+independent trainings run in parallel processes (one thread each, see ``jobs.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,12 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from tqdm import tqdm
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from hiermem.config import Config, load_config, read_config, save_config, to_dict
-from hiermem.data.longtail import LongTailConfig, build_corpus, load_corpus, write_corpus
+from hiermem.config import Config, load_config
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_write_json, atomic_write_text
+from hiermem_experiments.longtail.buckets import bucket_of, leaf_prior
+from hiermem_experiments.longtail.corpus import LongTailConfig, build_corpus, load_corpus, write_corpus
+from hiermem_experiments.longtail.jobs import EVALS, run_jobs
+
+PRESET_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "demo-cpu"
 
 
 @dataclass
@@ -51,31 +57,44 @@ class DemoSpec:
     max_new_tokens: int = 10
 
 
-def default_spec(quick: bool = False, preset: str = "cpu") -> DemoSpec:
-    """Demo presets: cpu (the default, < 10 minutes on 2 cores), quick (< 3 minutes), gpu (one GPU: a 30M
-    anchor, 3-level tree, 4 epochs), paper-160m (the paper's 160M anchor and (256, 64, 16, 0) memory shape
-    on the same corpus; for a large GPU — the corpus is far too small to train it well)."""
-    if quick or preset == "quick":
-        # a small corpus and a 2x8 tree: the same pipeline in about two minutes
-        return DemoSpec(corpus=LongTailConfig(n_entities=300, n_unseen=40, head_mentions=60, n_background=250,
-                                              n_heldout_background=40, n_heldout_facts=60),
-                        overrides=("routing.branching=8", "data.vocab_size=1024"), epochs=4, phase1_epochs=2)
-    if preset == "cpu":
-        return DemoSpec()
-    gpu = ("train.device=auto", "routing.max_tokens=16", "data.val_fraction=0.0")
-    if preset == "gpu":
-        return DemoSpec(preset="gpu", overrides=(*gpu, "data.seq_len=128", "model.max_seq_len=128",
-                                                 "routing.depth=2", "memory.ranks=[128,128]", "train.batch_size=32"),
-                        epochs=4, phase1_epochs=2, lr=1e-3, phase2_lr=1e-3,
-                        dense=("model.d_model=768", "model.n_heads=12", "model.d_ff=2048"))
-    if preset == "paper-160m":
-        return DemoSpec(preset="paper-160m", overrides=(
-            *gpu, "data.vocab_size=8192", "model.vocab_size=0", "data.seq_len=512", "model.max_seq_len=512",
-            "routing.depth=3", "routing.router=knn", "memory.ranks=[256,64,16]", "memory.mmap=false",
-            "train.mode=anchor", "train.grad_accum=1", "train.warmup_steps=100"),
-            epochs=4, phase1_epochs=2, lr=1e-3, phase2_lr=1e-3, memory_lr=1e-3, memory_lr_min=1e-4,
-            dense=("model.d_model=768", "model.n_heads=16", "model.head_dim=48", "model.d_ff=3072"))
-    raise HiermemError(f"demo: unknown preset {preset!r} (cpu, quick, gpu, paper-160m)")
+def preset_path(name_or_path: str) -> Path:
+    """A demo preset name (demo-cpu, demo-quick, demo-gpu, demo-160m) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise HiermemError(f"{p}: demo preset file not found")
+        return p
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        names = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
+        raise HiermemError(f"demo: unknown preset {name_or_path!r} (presets: {names})")
+    return candidate
+
+
+def load_spec(preset: str = DEFAULT_PRESET) -> DemoSpec:
+    """The DemoSpec of a preset name or YAML path; errors are one line naming the file and the key."""
+    path = preset_path(preset)
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise HiermemError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise HiermemError(f"{path}: expected a mapping of DemoSpec fields at the top level")
+    if "user_overrides" in loaded:
+        raise HiermemError(f"{path}: key 'user_overrides' is not a preset key (give overrides after "
+                           "`hiermem demo`; use 'overrides' in a preset)")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DemoSpec), loaded))
+    except ConfigKeyError as e:
+        raise HiermemError(f"{path}: unknown key {e.full_key!r}") from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise HiermemError(f"{path}: {key + ': ' if key else ''}{str(e).splitlines()[0]}") from None
+
+
+def default_out(preset: str) -> Path:
+    """runs/demo for the default preset, else runs/<preset name or YAML file stem>."""
+    return Path("runs/demo") if preset == DEFAULT_PRESET else Path("runs") / Path(preset).stem
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -104,130 +123,6 @@ def job_configs(spec: DemoSpec, out: Path) -> dict[str, Config]:
                       f"memory.lr_min={spec.memory_lr_min}"),
         "dense2x": cfg("dense2x", f"train.epochs={spec.epochs}", lr, *spec.dense),
     }
-
-
-TRAININGS = ("anchor", "phase1", "anchor_staged", "memory", "dense2x")
-EVALS = {f"eval_{n}": n for n in ("anchor", "anchor_staged", "memory", "dense2x")}
-DEPENDS = {"anchor": [], "phase1": [], "cluster": [], "dense2x": [], "anchor_staged": ["phase1"],
-           "memory": ["phase1", "cluster"], **{e: [n] for e, n in EVALS.items()}}
-
-
-def job_costs(spec: DemoSpec) -> dict[str, float]:
-    """Relative cost of each job (1 = one anchor epoch) for scheduling and the progress bar."""
-    p2 = spec.epochs - spec.phase1_epochs
-    return {"cluster": 1.0, "anchor": spec.epochs, "phase1": spec.phase1_epochs, "anchor_staged": p2,
-            "memory": 1.25 * p2, "dense2x": 2.2 * spec.epochs, "eval_anchor": 0.3, "eval_anchor_staged": 0.3,
-            "eval_dense2x": 0.5, "eval_memory": 1.5}
-
-
-# --------------------------------------------------------------------------------------------- jobs
-def _job_main(name: str, out: str) -> None:
-    """Entry point of a worker process (one thread): the clustering stage, a training or an evaluation."""
-    import torch
-
-    torch.set_num_threads(1)
-    out_path = Path(out)
-    configs = {n: read_config(out_path / "configs" / f"{n}.yaml") for n in TRAININGS}
-    if name == "cluster":
-        from hiermem.data.prepare import DataDir
-        from hiermem.routing.clustering import ensure_clustered
-
-        ensure_clustered(configs["memory"], DataDir(configs["memory"].data_dir), progress=False)
-    elif name in EVALS:
-        spec = DemoSpec(**{k: v for k, v in json.loads((out_path / "spec.json").read_text()).items()
-                           if k != "corpus"})
-        result = evaluate_job(EVALS[name], configs, out_path, spec)
-        result["run_config"] = to_dict(configs[EVALS[name]])
-        atomic_write_json(out_path / "eval" / f"{EVALS[name]}.json", result)
-    else:
-        from hiermem.train.loop import train
-
-        train(configs[name], progress=False)
-
-
-def _done(name: str, configs: dict[str, Config], out: Path) -> bool:
-    if name == "cluster":
-        from hiermem.data.prepare import DataDir
-        from hiermem.routing.clustering import load_clustering
-
-        cfg = configs["memory"]
-        return load_clustering(DataDir(cfg.data_dir), cfg, required=False) is not None
-    if name in EVALS:
-        path = out / "eval" / f"{EVALS[name]}.json"
-        summary = configs[EVALS[name]].run_dir / "train_summary.json"
-        return (path.is_file() and summary.is_file() and path.stat().st_mtime >= summary.stat().st_mtime
-                and json.loads(path.read_text()).get("run_config") == to_dict(configs[EVALS[name]]))
-    cfg = configs[name]
-    if not (cfg.run_dir / "train_summary.json").is_file():
-        return False
-    return yaml.safe_load((cfg.run_dir / "config.yaml").read_text()) == to_dict(cfg)
-
-
-def _progress(name: str, configs: dict[str, Config]) -> float:
-    """Fraction done of a running training, read from its metrics.jsonl."""
-    if name not in configs:
-        return 0.0
-    path = configs[name].run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    if not lines:
-        return 0.0
-    last = json.loads(lines[-1])
-    return min(1.0, last["step"] / max(1, last.get("total_steps", last["step"])))
-
-
-def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int, progress: bool) -> dict[str, float]:
-    """Run clustering, trainings and evaluations as subprocesses, dependencies first, critical path first.
-    A training whose run directory is stale (another config) is retrained from scratch."""
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    for name, cfg in configs.items():
-        save_config(cfg, out / "configs" / f"{name}.yaml")
-    spec_dict = dataclasses.asdict(spec)
-    atomic_write_json(out / "spec.json", json.loads(json.dumps(spec_dict, default=list)))
-    cost = job_costs(spec)
-    names = list(DEPENDS)
-    done = {n for n in names if _done(n, configs, out)}
-    for n in TRAININGS:
-        if n not in done and configs[n].run_dir.exists():
-            import shutil
-
-            shutil.rmtree(configs[n].run_dir)  # stale or interrupted: start it again
-    wall = {n: 0.0 for n in done}
-
-    def chain(n: str) -> float:  # longest remaining path from n: schedule the critical path first
-        return cost[n] + max((chain(m) for m in names if n in DEPENDS[m]), default=0.0)
-
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
-    bar = tqdm(total=round(sum(cost.values()), 1), desc="demo jobs", unit="unit", disable=not progress,
-               dynamic_ncols=True, mininterval=2.0,
-               bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} [{elapsed}<{remaining}] {postfix}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    while len(done) < len(names):
-        ready = [n for n in names if n not in done and n not in running and all(d in done for d in DEPENDS[n])]
-        ready.sort(key=chain, reverse=True)
-        while ready and len(running) < jobs:
-            n = ready.pop(0)
-            log = open(logs / f"{n}.log", "w")
-            code = f"from hiermem.demo import _job_main; _job_main({n!r}, {str(out)!r})"
-            running[n] = (subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
-                                           env=env), time.perf_counter())
-        time.sleep(0.5)
-        for n, (proc, t0) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[n]
-            if proc.returncode != 0:
-                for other, _ in running.values():
-                    other.kill()
-                lines = (logs / f"{n}.log").read_text().strip().splitlines() or ["(no output)"]
-                raise HiermemError(f"demo job {n} failed (log: {logs / (n + '.log')}): {lines[-1]}")
-            done.add(n)
-            wall[n] = time.perf_counter() - t0
-        bar.n = round(sum(cost[n] for n in done) + sum(cost[n] * _progress(n, configs) for n in running), 1)
-        bar.set_postfix_str("running: " + ", ".join(running) if running else "")
-        bar.refresh()
-    bar.close()
-    return wall
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -295,7 +190,7 @@ def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: Dem
     """Every report row of one trained run: probes by bucket and held-out perplexity (+ routing for memory)."""
     from hiermem.eval.evaluate import probe_predictor, routed_perplexity
     from hiermem.eval.inference import MemoryContext
-    from hiermem.eval.probes import evaluate_probes, leaf_prior
+    from hiermem.eval.probes import evaluate_probes
     from hiermem.eval.run import Run
 
     corpus = load_corpus(out / "corpus")
@@ -327,7 +222,7 @@ def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: Dem
         predict = probe_predictor(run, ctx, spec.max_new_tokens, paths_for=paths_for)
         rec: dict = {}
         for fact in ("population", "country") if row in COUNTRY_ROWS else ("population",):
-            r = evaluate_probes(probes[fact], predict, buckets=corpus.buckets, progress=False)
+            r = evaluate_probes(probes[fact], predict, buckets=corpus.buckets, group_of=bucket_of, progress=False)
             prefix = "" if fact == "population" else "country_"
             rec[prefix + "accuracy"] = [r["per_group"].get(b, {}).get("accuracy", 0.0) for b in corpus.buckets]
             rec[prefix + "overall"] = r["accuracy"]
@@ -391,16 +286,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(quick: bool = False, out: str | None = None, jobs: int = 2, progress: bool = True,
-             spec: DemoSpec | None = None, preset: str = "cpu") -> dict:
+def run_demo(preset: str = DEFAULT_PRESET, out: str | None = None, jobs: int = 2, progress: bool = True,
+             spec: DemoSpec | None = None) -> dict:
+    """Build (or reuse) the corpus, run every job of `spec` (default: the preset's) and write the report."""
     from hiermem.data.prepare import prepare
     from hiermem.data.tokenizer import resolve_vocab
     from hiermem.memory.spec import parameter_report
 
     t0 = time.perf_counter()
-    spec = spec or default_spec(quick, preset)
-    quick = quick or preset == "quick"
-    out = Path(out or ("runs/demo-quick" if quick else "runs/demo" if preset == "cpu" else f"runs/demo-{preset}"))
+    spec = spec or load_spec(preset)
+    quick = Path(preset).stem == "demo-quick"
+    out = Path(out) if out else default_out(preset)
     corpus_dir = out / "corpus"
     if (corpus_dir / "entities.json").is_file() and load_corpus(corpus_dir).config == spec.corpus:
         corpus = load_corpus(corpus_dir)
