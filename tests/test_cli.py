@@ -1,18 +1,25 @@
 """The `hiermem` command end to end, in-process: corpus -> prepare -> cluster -> train -> eval -> generate.
 
 This is the one test that runs the paper's encoder (the bundled all-MiniLM-L6-v2) through the whole pipeline;
-routing.max_tokens=16 keeps it fast.
+routing.max_tokens=16 keeps it fast (marked slow all the same; `make test` runs it). The other tests check the
+command line itself: --help, choices, and the overrides a trained run (tests/fixtures/run_v1) takes.
 """
 
+import argparse
 import json
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hiermem.cli import main
+from hiermem import config as C
+from hiermem.cli import build_parser, main
 from hiermem.config import load_config
 from hiermem.model.transformer import Transformer
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run_v1"
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.torch_threads
 
@@ -41,6 +48,7 @@ def one_line_error(capsys, *argv):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = ok(capsys, "corpus", "--out", "corpus", "--entities", 5, "--unseen", 2, "--background", 10)
@@ -85,6 +93,12 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert len(set(ppl.values())) == 3  # three different models
     out = ok(capsys, "eval", "runs/mem", "--router", "centroid", "--block-level", "1", "--quiet")
     assert "[fetched/centroid/blocked@1]" in out
+    # dot-list overrides of the run's saved config: --router is a shorthand for routing.router
+    out = ok(capsys, "eval", "runs/mem", "routing.router=centroid", "routing.knn_k=5", "--quiet")
+    assert out.startswith("runs/mem [fetched/centroid] held-out perplexity ")
+    assert ok(capsys, "eval", "runs/mem", "--router", "centroid", "--quiet", "--device", "cpu") == out
+    line = one_line_error(capsys, "eval", "runs/mem", "memory.ranks=[4,4]", "--quiet")
+    assert line.startswith("error: override memory.ranks: fixed when the run was trained")
     out = ok(capsys, "eval", "runs/anchor", "--quiet")
     assert out.startswith("runs/anchor [none] held-out perplexity")
 
@@ -133,10 +147,78 @@ def test_error_paths(tmp_path, monkeypatch, capsys):
 
     (tmp_path / "notarun").mkdir()
     line = one_line_error(capsys, "eval", "notarun")
-    assert line == "error: notarun/config.yaml: missing (not a hiermem run or data directory?)"
+    assert line == "error: notarun: not a hiermem run directory (no config.yaml)"  # read_run_format's (HEAD)
     line = one_line_error(capsys, "generate", "nowhere", "-p", "x")
-    assert "nowhere/config.yaml: missing" in line
+    assert "nowhere: not a hiermem run directory" in line
     line = one_line_error(capsys, "params", "-c", "tiny")
     assert "model.vocab_size" in line
     line = one_line_error(capsys, "cluster", "-c", "no-such-preset")
     assert "unknown preset 'no-such-preset'" in line
+
+
+def _help(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_the_config_fields_with_defaults(capsys):
+    for command in ("train", "prepare", "cluster", "params"):
+        out = _help(capsys, command)
+        assert re.search(r"^  train\.lr=0\.002 +peak learning rate of the anchor", out, re.M), command
+        assert re.search(r"^  routing\.router=knn +router at eval/generate", out, re.M), command
+        assert all(re.search(rf"^  {re.escape(k)}=", out, re.M) for k in C.fields()), command
+    for command in ("eval", "generate"):
+        out = _help(capsys, command, "RUN")
+        assert re.search(r"^  routing\.knn_k=10 +neighbours", out, re.M)
+        assert re.search(r"^  train\.device=auto ", out, re.M)
+        assert not re.search(r"^  (model\.d_model|train\.lr)=", out, re.M)  # refused on a trained run
+        assert "shorthand for routing.router=ROUTER" in out
+
+
+def _subcommand_options(name: str) -> dict:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {opt: a for a in sub.choices[name]._actions for opt in a.option_strings}
+
+
+def test_cli_choices_are_the_config_declarations():
+    for name in ("eval", "generate"):
+        opts = _subcommand_options(name)
+        assert tuple(opts["--router"].choices) == C.choices("routing.router") == C.field_info(
+            "routing.router").metadata["choices"]
+        assert tuple(opts["--device"].choices) == C.choices("train.device")
+        assert tuple(opts["--memory"].choices) == C.MEMORY_MODES
+        assert opts["--router"].default is None and opts["--device"].default is None  # default: the run's
+
+
+def test_a_trained_run_takes_inference_time_overrides(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run_v1"
+    shutil.copytree(FIXTURE, run)
+    expected = json.loads((run / "expected_fetched.json").read_text())  # made with the centroid router
+    prompt, completion = expected["prompts"][0], expected["completions"][0]
+    gen = ["generate", run, "-p", prompt, "--max-new-tokens", expected["max_new_tokens"]]
+    want = prompt + completion + "\n"
+    assert ok(capsys, *gen) == want  # the saved routing.router (centroid)
+    assert ok(capsys, *gen, "routing.router=centroid", "routing.knn_k=5", "train.device=cpu") == want
+    assert ok(capsys, *gen, "--router", "centroid", "--device", "cpu") == want
+    # the override reaches the run: knn needs the (here missing) data directory, centroid does not
+    line = one_line_error(capsys, *gen, "routing.router=knn", "data.dir=nowhere")
+    assert "nowhere: not a prepared data directory" in line
+    assert ok(capsys, *gen, "routing.router=centroid", "data.dir=nowhere") == want
+    for command in (gen, ["eval", run, "--quiet"]):
+        for item in ("model.d_model=64", "routing.depth=3", "data.seq_len=16", "routing.encoder=minilm"):
+            key = item.split("=")[0]
+            line = one_line_error(capsys, *command, item)
+            assert line.startswith(f"error: override {key}: fixed when the run was trained"), line
+        line = one_line_error(capsys, *command, "--router", "knn", "routing.router=centroid")
+        assert line == "error: --router knn and routing.router=centroid disagree: give one of them"
+        line = one_line_error(capsys, *command, "routing.rooter=knn")
+        assert "routing.rooter" in line
+
+
+def test_params_of_a_cotrain_preset_without_a_run(capsys):
+    out = ok(capsys, "params", "-c", "paper-160m")  # the preset's header comment gives these counts
+    report = {k.strip(): int(v.replace(",", "")) for k, v in (line.split(":") for line in out.splitlines())}
+    assert (report["anchor"], report["fetched"], report["bank"]) == (163_510_016, 18_063_360, 4_624_220_160)

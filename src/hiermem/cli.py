@@ -1,7 +1,9 @@
 """The `hiermem` command: prepare, cluster, train, eval, generate, params, demo, bench.
 
-Stage commands take `--config PRESET_OR_YAML` plus dot-list overrides (`train.lr=3e-4`). Bad input ends with
-a one-line `error: ...` on stderr and exit code 2.
+Stage commands take `--config PRESET_OR_YAML` plus dot-list overrides (`train.lr=3e-4`); commands on a trained
+run (eval, generate) start from the run's saved config and take dot-list overrides of its inference-time fields
+(`routing.router=centroid`). `--help` lists the fields with their defaults. Bad input ends with a one-line
+`error: ...` on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import sys
 
+from hiermem import config as C
 from hiermem.errors import HiermemError
 
 
@@ -20,17 +23,32 @@ def _config(args):
     return load_config(args.config, args.overrides)
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _stage_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A command that builds its config from a preset and overrides; --help lists every config field."""
+    p = sub.add_parser(name, help=help, description=help, epilog=C.fields_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "-c", default="tiny", help="preset name (configs/*.yaml) or a YAML path")
     p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.lr=3e-4 data.corpus=docs.jsonl")
+    return p
 
 
-def _add_memory_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--memory", choices=("fetched", "generic", "none"), default=None,
+def _run_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A command on a trained run: its saved config, plus overrides of the inference-time fields only."""
+    title = ("overrides: the run's saved config applies; these inference-time fields may change, as key=value "
+             "(the others fixed what was trained and are refused):")
+    p = sub.add_parser(name, help=help, description=help, epilog=C.fields_help(C.inference_keys(), title),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run directory")
+    p.add_argument("overrides", nargs="*", help="dot-list overrides of the run's config, e.g. routing.knn_k=5")
+    p.add_argument("--memory", choices=C.MEMORY_MODES, default=None,
                    help="memory at inference (default: fetched for memory runs, none otherwise)")
-    p.add_argument("--router", choices=("centroid", "knn"), default=None, help="default: the run's routing.router")
+    p.add_argument("--router", choices=C.choices("routing.router"), default=None,
+                   help="shorthand for routing.router=ROUTER (default: the run's)")
     p.add_argument("--block-level", type=int, default=None,
                    help="forbid the best-matching subtree at this tree level (0 = level 1)")
+    p.add_argument("--device", choices=C.choices("train.device"), default=None,
+                   help="shorthand for train.device=DEVICE (default: the run's)")
+    return p
 
 
 def cmd_prepare(args) -> None:
@@ -73,7 +91,7 @@ def cmd_eval(args) -> None:
 
     result = evaluate_run(args.run, memory=args.memory, router=args.router, block_level=args.block_level,
                           probes=args.probes, max_new_tokens=args.max_new_tokens, device=args.device,
-                          progress=not args.quiet)
+                          progress=not args.quiet, overrides=args.overrides)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -86,7 +104,7 @@ def cmd_generate(args) -> None:
     texts = generate_text(args.run, args.prompt, memory=args.memory, router=args.router,
                           block_level=args.block_level, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          device=args.device)
+                          device=args.device, overrides=args.overrides)
     for prompt, text in zip(args.prompt, texts):
         print(prompt + text)
 
@@ -103,17 +121,20 @@ def cmd_params(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from hiermem.demo import run_demo
+    import dataclasses
 
-    from hiermem.demo import default_spec
+    # the experiment lives outside the library: only this command (and `corpus`) imports it
+    from hiermem_experiments.longtail.demo import DEFAULT_PRESET, load_spec, run_demo
 
-    spec = default_spec(args.quick, args.preset)
-    spec.user_overrides = tuple(args.overrides)
-    run_demo(quick=args.quick, out=args.out, jobs=args.jobs, progress=not args.quiet, preset=args.preset, spec=spec)
+    if args.quick and args.preset not in (None, "demo-quick"):
+        raise HiermemError(f"demo: --quick means --preset demo-quick, not --preset {args.preset}")
+    preset = "demo-quick" if args.quick else args.preset or DEFAULT_PRESET
+    spec = dataclasses.replace(load_spec(preset), user_overrides=tuple(args.overrides))
+    run_demo(preset, out=args.out, jobs=args.jobs, progress=not args.quiet, spec=spec)
 
 
 def cmd_corpus(args) -> None:
-    from hiermem.data.longtail import LongTailConfig, build_corpus, write_corpus
+    from hiermem_experiments.longtail.corpus import LongTailConfig, build_corpus, write_corpus
 
     cfg = LongTailConfig(seed=args.seed, n_entities=args.entities, n_unseen=args.unseen,
                          n_background=args.background)
@@ -133,53 +154,44 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hiermem", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="read documents, train/load the tokenizer, tokenize, split")
-    _add_config_args(p)
+    p = _stage_parser(sub, "prepare", "read documents, train/load the tokenizer, tokenize, split")
     p.add_argument("--force", action="store_true", help="rebuild even if the data directory exists")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("cluster", help="embed documents, build the hierarchical k-means tree, route documents")
-    _add_config_args(p)
+    p = _stage_parser(sub, "cluster", "embed documents, build the hierarchical k-means tree, route documents")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_cluster)
 
-    p = sub.add_parser("train", help="train the anchor alone or with hierarchical memories")
-    _add_config_args(p)
+    p = _stage_parser(sub, "train", "train the anchor alone or with hierarchical memories")
     p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoint exactly")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="held-out perplexity (and knowledge probes) of a run directory")
-    p.add_argument("run", help="run directory")
-    _add_memory_args(p)
+    p = _run_parser(sub, "eval", "held-out perplexity (and knowledge probes) of a run directory")
     p.add_argument("--probes", default=None, help="JSONL of {prompt, answer, optional group/frequency}")
     p.add_argument("--max-new-tokens", type=int, default=12)
-    p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="generate text from a run directory")
-    p.add_argument("run", help="run directory")
+    p = _run_parser(sub, "generate", "generate text from a run directory")
     p.add_argument("--prompt", "-p", action="append", required=True, help="prompt (repeat for a batch)")
-    _add_memory_args(p)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("params", help="parameter accounting (anchor / fetched / bank) without allocating")
-    _add_config_args(p)
+    p = _stage_parser(sub, "params", "parameter accounting (anchor / fetched / bank) without allocating")
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("demo", help="the long-tail knowledge demo: anchor vs memories, fact by fact")
-    p.add_argument("--quick", action="store_true", help="a small version (< 3 minutes); = --preset quick")
-    p.add_argument("--preset", default="cpu", choices=("cpu", "quick", "gpu", "paper-160m"),
-                   help="cpu: the default (< 10 minutes on 2 cores); gpu / paper-160m: shapes for one GPU")
-    p.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
+    p.add_argument("--quick", action="store_true", help="a small version (< 3 minutes); = --preset demo-quick")
+    p.add_argument("--preset", default=None,
+                   help="demo preset name or YAML path (hiermem_experiments/longtail/presets): demo-cpu, the "
+                        "default (< 10 minutes on 2 cores); demo-quick; demo-gpu / demo-160m: shapes for one GPU")
+    p.add_argument("--out", default=None, help="output folder (default runs/demo, else runs/<preset>)")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes")
     p.add_argument("overrides", nargs="*", help="dot-list overrides for every run, e.g. routing.encoder=wordllama")
     p.add_argument("--quiet", action="store_true")

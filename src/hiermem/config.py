@@ -3,14 +3,20 @@
 Presets are YAML files (src/hiermem/configs/*.yaml, also reachable as ./configs); the command line adds
 dot-list overrides such as `train.lr=3e-4`. OmegaConf checks keys and types against these dataclasses; we turn
 its errors into one-line messages naming the key. The resolved config is written into every run directory.
+
+Every field is declared once, with `setting(...)`: its default, a one-line help text, and where a rule applies
+its allowed values (`choices`), bounds (`min`/`max`) and whether a trained run may take it as an override
+(`inference`). validate(), the command line's `choices=` and `--help`, and the refusal of shape-changing
+overrides on a trained run all read these declarations.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -21,100 +27,132 @@ from hiermem.io_utils import atomic_write_text
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
+# Not a config field: what `--memory` of eval/generate may name (declared here so the CLI needs no torch import).
+MEMORY_MODES = ("fetched", "generic", "none")
+
+
+def setting(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+            max: float | None = None, inference: bool = False):
+    """A config field: default (a list default is copied per instance), one-line help, optional rules.
+    inference=True: `hiermem eval/generate RUN key=value` may override it (it does not change what was trained)."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max,
+            "inference": inference}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls, help: str):
+    return field(default_factory=cls, metadata={"help": help})
+
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 0  # 0: the tokenizer's size rounded up to a multiple of 64
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    head_dim: int = 32  # attention width = n_heads * head_dim (may differ from d_model, as in the paper's 160M)
-    d_ff: int = 320
-    tie_embeddings: bool = True
-    rope_base: float = 100000.0
-    qk_norm: bool = True
-    norm_eps: float = 1e-5
-    max_seq_len: int = 128
-    init_std: float = 0.02
-    attention: str = "sdpa"  # sdpa (dense document mask, plain causal where rows are whole documents) | flex
+    vocab_size: int = setting(0, "embedding rows; 0 = the tokenizer's size rounded up to a multiple of 64")
+    n_layers: int = setting(4, "transformer blocks", min=1)
+    d_model: int = setting(128, "residual stream width", min=1)
+    n_heads: int = setting(4, "attention heads", min=1)
+    head_dim: int = setting(32, "width per head (even, for RoPE); attention width = n_heads * head_dim", min=1)
+    d_ff: int = setting(320, "hidden width of each SwiGLU FFN", min=1)
+    tie_embeddings: bool = setting(True, "share the input embedding with the output projection")
+    rope_base: float = setting(100000.0, "RoPE frequency base")
+    qk_norm: bool = setting(True, "RMS-normalise queries and keys per head")
+    norm_eps: float = setting(1e-5, "RMSNorm epsilon")
+    max_seq_len: int = setting(128, "longest sequence the model takes (>= data.seq_len)", min=1)
+    init_std: float = setting(0.02, "std of the anchor's normal initialisation")
+    attention: str = setting("sdpa", "attention kernel (same weights either way): sdpa (dense document mask) "
+                             "or flex (FlexAttention block mask)", choices=("sdpa", "flex"),
+                             inference=True)
 
 
 @dataclass
 class MemoryConfig:
-    ranks: List[int] = field(default_factory=list)  # (r1, r2, ...) per tree level; [] = no memory
-    layers: Optional[List[int]] = None  # [start, end) of model layers holding memory; None = all
-    init_std: Optional[float] = None  # gate/up truncated normal std; None = 1/sqrt(d_model)
-    generic: bool = True  # train a non-retrieved block of one path's size as the control
-    generic_prob: Optional[float] = None  # None = 1/(branching + 1), the paper's 1/17
-    generic_sampling: str = "sequence"  # "sequence" or "batch": unit of the generic draw
-    lr: float = 1e-2
-    lr_min: float = 1e-3
-    warmup_steps: int = 0
-    weight_decay: float = 1e-3
-    mmap: bool = False  # keep the bank (and its optimizer state) in memory-mapped files
-    cache_levels: int = 1  # shallow levels copied into RAM when the bank is memory-mapped
+    ranks: List[int] = setting([], "memory rank per tree level, root level first; [] = no memory")
+    layers: Optional[List[int]] = setting(None, "[start, end) of the model layers holding memory; null = all")
+    init_std: Optional[float] = setting(None, "std of the memories' truncated-normal init; null = 1/sqrt(d_model)")
+    generic: bool = setting(True, "also train a generic (never retrieved) block of one path's size, the control")
+    generic_prob: Optional[float] = setting(None, "chance of the generic block instead of the routed path; "
+                                            "null = 1/(branching+1)")
+    generic_sampling: str = setting("sequence", "unit of the generic draw: one per sequence or one per batch",
+                                    choices=("sequence", "batch"))
+    lr: float = setting(1e-2, "peak learning rate of the memories")
+    lr_min: float = setting(1e-3, "memory learning rate at the end of the cosine schedule")
+    warmup_steps: int = setting(0, "memory learning-rate warmup steps")
+    weight_decay: float = setting(1e-3, "weight decay of the memories")
+    mmap: bool = setting(False, "keep the bank (and its optimizer state) in memory-mapped files", inference=True)
+    cache_levels: int = setting(1, "shallow tree levels copied into RAM when the bank is memory-mapped",
+                                inference=True)
 
 
 @dataclass
 class RoutingConfig:
-    encoder: str = "minilm"  # "minilm" (the paper's all-MiniLM-L6-v2) or "wordllama"
-    max_tokens: int = 256  # encoder window in wordpieces
-    long_docs: str = "truncate"  # "truncate" or "mean_chunks"
-    depth: int = 2
-    branching: int = 16
-    kmeans_steps: int = 20
-    kmeans_sample: int = 6400
-    balance: float = 1.5  # a cluster may hold at most balance/branching of a step's assignments
-    router: str = "knn"  # default router at eval/generate: "knn" or "centroid"
-    knn_k: int = 10
-    seed: int = 0
+    encoder: str = setting("minilm", "sentence encoder: minilm (the paper's all-MiniLM-L6-v2) or wordllama (fast, "
+                           "static)", choices=("minilm", "wordllama"))
+    max_tokens: int = setting(256, "MiniLM window in wordpieces, [CLS] and [SEP] included (MiniLM's is 256)",
+                              min=3, max=256)
+    long_docs: str = setting("truncate", "text past the window: truncate (embed its head) or mean_chunks (average "
+                             "the windows)", choices=("truncate", "mean_chunks"))
+    depth: int = setting(2, "levels of the hierarchical k-means tree", min=1)
+    branching: int = setting(16, "children per tree node", min=1)
+    kmeans_steps: int = setting(20, "k-means iterations per fit")
+    kmeans_sample: int = setting(6400, "documents sampled per k-means step")
+    balance: float = setting(1.5, "a cluster may hold at most balance/branching of a step's assignments")
+    router: str = setting("knn", "router at eval/generate: centroid (the paper's greedy descent) or knn (a vote "
+                          "of the nearest documents)", choices=("centroid", "knn"), inference=True)
+    knn_k: int = setting(10, "neighbours the knn router votes over", min=1, inference=True)
+    seed: int = setting(0, "k-means seed")
 
 
 @dataclass
 class DataConfig:
-    corpus: str = ""  # .jsonl / .txt / folder / .parquet
-    dir: str = ""  # prepared data directory ("" = runs/data/<name>)
-    tokenizer: str = ""  # existing tokenizer.json ("" = train a byte-level BPE)
-    vocab_size: int = 4096
-    seq_len: int = 128
-    val_fraction: float = 0.05
-    seed: int = 0
-    packing: str = "auto"  # "leaf": sequences from one leaf only; "flat": any documents; auto = leaf iff memory
+    corpus: str = setting("", "documents: .jsonl / .txt / a folder / .parquet")
+    dir: str = setting("", "prepared data directory; '' = runs/data/<name>", inference=True)
+    tokenizer: str = setting("", "an existing tokenizer.json; '' = train a byte-level BPE on the corpus")
+    vocab_size: int = setting(4096, "vocabulary of the trained tokenizer", min=1)
+    seq_len: int = setting(128, "training sequence length in tokens", min=1)
+    val_fraction: float = setting(0.05, "fraction of documents held out, in [0, 1)")
+    seed: int = setting(0, "seed of the held-out split")
+    packing: str = setting("auto", "leaf: each sequence from one leaf; flat: any documents; auto: leaf iff the run "
+                           "has memory", choices=("auto", "leaf", "flat"))
 
 
 @dataclass
 class TrainConfig:
-    mode: str = "anchor"  # anchor | frozen | cotrain | scratch
-    init_from: str = ""  # run directory whose anchor (and bank, if any) starts this run
-    run_dir: str = ""  # "" = runs/<name>
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_steps: int = 0  # 0: derived from epochs
-    epochs: float = 1.0
-    lr: float = 2e-3
-    lr_min: float = 2e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16
-    threads: int = 0  # torch threads on CPU; 0 = torch's default
-    log_every: int = 10
-    ckpt_every: int = 0  # 0 = only at the end
-    compile: bool = False
+    mode: str = setting("anchor", "anchor: no memory; frozen: init_from's anchor fixed; cotrain: it and the "
+                        "memories learn; scratch: both from random init",
+                        choices=("anchor", "frozen", "cotrain", "scratch"))
+    init_from: str = setting("", "run directory whose anchor (and bank, if any) starts this run")
+    run_dir: str = setting("", "output run directory; '' = runs/<name>")
+    batch_size: int = setting(16, "sequences per micro-batch", min=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", min=1)
+    max_steps: int = setting(0, "optimizer steps; 0 = derived from train.epochs")
+    epochs: float = setting(1.0, "passes over the training sequences (when max_steps is 0)")
+    lr: float = setting(2e-3, "peak learning rate of the anchor (AdamW, cosine schedule)")
+    lr_min: float = setting(2e-4, "anchor learning rate at the end of the cosine schedule")
+    warmup_steps: int = setting(20, "anchor learning-rate warmup steps")
+    weight_decay: float = setting(0.1, "AdamW weight decay of the anchor")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "max global gradient norm over anchor and fetched memory; 0 = off")
+    seed: int = setting(0, "seed of initialisation and batch order")
+    device: str = setting("auto", "auto (cuda if available) | cpu | cuda", choices=("auto", "cpu", "cuda"),
+                          inference=True)
+    dtype: str = setting("auto", "auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16",
+                         choices=("auto", "fp32", "bf16"))
+    threads: int = setting(0, "torch threads on CPU; 0 = torch's default")
+    log_every: int = setting(10, "optimizer steps between metrics lines")
+    ckpt_every: int = setting(0, "optimizer steps between checkpoints; 0 = only at the end")
+    compile: bool = setting(False, "torch.compile each transformer block")
 
 
 @dataclass
 class Config:
-    name: str = "run"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    routing: RoutingConfig = field(default_factory=RoutingConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = setting("run", "run name: the default run (runs/<name>) and data (runs/data/<name>) folders")
+    model: ModelConfig = section(ModelConfig, "the anchor transformer's shape")
+    memory: MemoryConfig = section(MemoryConfig, "hierarchical memories: shape, optimiser, storage")
+    routing: RoutingConfig = section(RoutingConfig, "the encoder, the k-means tree and the router")
+    data: DataConfig = section(DataConfig, "corpus, tokenizer and packing")
+    train: TrainConfig = section(TrainConfig, "training mode, optimiser and device")
 
     @property
     def run_dir(self) -> Path:
@@ -133,16 +171,106 @@ class Config:
         return self.data.packing == "leaf" or (self.data.packing == "auto" and self.uses_memory)
 
 
-_CHOICES = {
-    "train.mode": ("anchor", "frozen", "cotrain", "scratch"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.dtype": ("auto", "fp32", "bf16"),
-    "routing.encoder": ("minilm", "wordllama"),
-    "routing.long_docs": ("truncate", "mean_chunks"),
-    "routing.router": ("knn", "centroid"),
-    "memory.generic_sampling": ("sequence", "batch"),
-    "model.attention": ("sdpa", "flex"),
-}
+# ---------------------------------------------------------------- the declarations, read back
+
+
+@functools.lru_cache(maxsize=None)
+def fields() -> dict[str, dataclasses.Field]:
+    """Every leaf field by dotted key ("name", "model.vocab_size", ...), in declaration order."""
+    out = {}
+    for f in dataclasses.fields(Config):
+        if f.name in _SECTIONS:
+            out.update({f"{f.name}.{g.name}": g for g in dataclasses.fields(f.default_factory)})
+        else:
+            out[f.name] = f
+    return out
+
+
+# section name -> its field on Config (the only Config fields with a default_factory)
+_SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING}
+
+
+def field_info(key: str) -> dataclasses.Field:
+    try:
+        return fields()[key]
+    except KeyError:
+        raise HiermemError(f"config: no field {key!r}") from None
+
+
+def choices(key: str) -> tuple:
+    """The allowed values of a field (as declared on it)."""
+    allowed = field_info(key).metadata.get("choices")
+    if not allowed:
+        raise HiermemError(f"config: {key} declares no choices")
+    return allowed
+
+
+def default(key: str):
+    f = field_info(key)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def inference_keys() -> tuple[str, ...]:
+    """Fields a trained run may take as overrides at eval/generate (they leave the trained weights valid)."""
+    return tuple(k for k, f in fields().items() if f.metadata.get("inference"))
+
+
+def check_value(key: str, value, label: str | None = None) -> None:
+    """The declared rule (choices, min, max) of one field; the message names the field and what it allows."""
+    meta = field_info(key).metadata
+    label = label or f"config: {key}"
+    allowed = meta.get("choices")
+    if allowed and value not in allowed:
+        raise HiermemError(f"{label}={value!r} is not one of {', '.join(allowed)}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if value is None or (lo is None and hi is None):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise HiermemError(f"{label}: {value!r} is not a number")
+    if lo is not None and hi is not None:
+        if not lo <= value <= hi:
+            raise HiermemError(f"{label} must be in {lo}..{hi} (got {value})")
+    elif lo is not None and value < lo:
+        raise HiermemError(f"{label} must be {'positive' if lo == 1 else f'>= {lo}'} (got {value})")
+    elif hi is not None and value > hi:
+        raise HiermemError(f"{label} must be <= {hi} (got {value})")
+
+
+def _show(value) -> str:
+    """A default as one would write it in a dot-list override."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value == "":
+        return "''"
+    if isinstance(value, list):
+        return "[" + ",".join(map(_show, value)) + "]"
+    return str(value)
+
+
+def fields_help(keys: tuple[str, ...] | None = None, title: str | None = None) -> str:
+    """`--help` text: each field as key=default with its help, grouped by section (all fields unless `keys`)."""
+    info = fields()
+    keys = tuple(info) if keys is None else keys
+    title = title or ("config fields, as key=default (a preset sets some; dot-list overrides such as "
+                      "train.lr=3e-4 set any):")
+    width = max(len(f"{k}={_show(default(k))}") for k in keys) + 2
+    lines, current = [title], None
+    for key in keys:
+        head = key.split(".")[0] if "." in key else ""
+        if head != current:
+            current = head
+            lines += ["", f"{head}: {_SECTIONS[head].metadata['help']}" if head else "run:"]
+        meta = info[key].metadata
+        text = meta["help"]
+        if meta.get("choices") and not all(c in text for c in meta["choices"]):
+            text += f" ({' | '.join(meta['choices'])})"
+        lines.append(f"  {f'{key}={_show(default(key))}':<{width}}{text}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- validation
 
 
 def _get(cfg: Config, dotted: str):
@@ -153,23 +281,11 @@ def _get(cfg: Config, dotted: str):
 
 
 def validate(cfg: Config) -> Config:
-    """Checks that types alone cannot express; each message names the field."""
-    for key, allowed in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise HiermemError(f"config: {key}={value!r} is not one of {', '.join(allowed)}")
+    """The declared per-field rules, then the checks that relate fields; each message names the field.
+    What a training run needs besides (train.init_from for frozen and cotrain) is check_training's."""
+    for key in fields():
+        check_value(key, _get(cfg, key))
     m, r, t = cfg.model, cfg.routing, cfg.train
-    positive = {
-        "model.n_layers": m.n_layers, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
-        "model.head_dim": m.head_dim, "model.d_ff": m.d_ff, "model.max_seq_len": m.max_seq_len,
-        "data.seq_len": cfg.data.seq_len, "data.vocab_size": cfg.data.vocab_size,
-        "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
-        "routing.depth": r.depth, "routing.branching": r.branching, "routing.max_tokens": r.max_tokens,
-        "routing.knn_k": r.knn_k,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise HiermemError(f"config: {key} must be positive (got {value})")
     if m.head_dim % 2:
         raise HiermemError(f"config: model.head_dim must be even for RoPE (got {m.head_dim})")
     if cfg.data.seq_len > m.max_seq_len:
@@ -177,8 +293,6 @@ def validate(cfg: Config) -> Config:
             f"config: data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise HiermemError(f"config: data.val_fraction must be in [0, 1) (got {cfg.data.val_fraction})")
-    if r.max_tokens > 256:
-        raise HiermemError(f"config: routing.max_tokens must be <= 256, MiniLM's window (got {r.max_tokens})")
     mem = cfg.memory
     if mem.ranks and len(mem.ranks) != r.depth:
         raise HiermemError(
@@ -196,9 +310,31 @@ def validate(cfg: Config) -> Config:
         raise HiermemError(f"config: train.mode={t.mode} needs memory.ranks with a non-zero level")
     if cfg.data.packing == "flat" and t.mode != "anchor":
         raise HiermemError(f"config: data.packing=flat cannot feed train.mode={t.mode}: memory runs pack by leaf")
-    if t.mode == "frozen" and not t.init_from:
-        raise HiermemError("config: train.mode=frozen needs train.init_from (a trained anchor run directory)")
     return cfg
+
+
+def check_training(cfg: Config) -> None:
+    """What a training run needs beyond a valid config (called by the Trainer, so that `hiermem params` and
+    `hiermem prepare` take a cotrain preset that names no anchor yet)."""
+    t = cfg.train
+    if t.mode in ("frozen", "cotrain") and not t.init_from:
+        hint = "; train.mode=scratch trains anchor and memory from random initialisation" if t.mode == "cotrain" else ""
+        raise HiermemError(f"config: train.mode={t.mode} needs train.init_from (a trained anchor run directory){hint}")
+
+
+def check_run_overrides(overrides: list[str] | tuple[str, ...]) -> None:
+    """Overrides for a trained run (eval/generate) may only name inference-time fields: the others fixed what
+    was trained (its shape, data, tree or optimiser) and cannot apply to its weights."""
+    allowed = inference_keys()
+    known = fields()
+    for item in overrides:
+        key = item.split("=", 1)[0].strip().lstrip("+~")
+        if key in allowed:
+            continue
+        if key in known or key in _SECTIONS:
+            raise HiermemError(f"override {key}: fixed when the run was trained, so it cannot change on a trained "
+                               f"run (inference-time keys: {', '.join(allowed)})")
+        # an unknown key: read_config names it against the dataclasses
 
 
 def _one_line(err: OmegaConfBaseException) -> str:

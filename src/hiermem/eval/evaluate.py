@@ -4,16 +4,40 @@ from __future__ import annotations
 
 import numpy as np
 
+from hiermem.config import check_run_overrides
 from hiermem.data.prepare import DataDir
+from hiermem.errors import HiermemError
 from hiermem.eval.generation import generate_ids
 from hiermem.eval.inference import MemoryContext
 from hiermem.eval.perplexity import perplexity
 from hiermem.eval.run import Run
 
 
-def _context(run: Run, memory: str | None, router: str | None, block_level: int | None) -> MemoryContext:
+# Shorthand flags of eval/generate, each the same as one dot-list override of the run's saved config.
+SHORTHANDS = {"router": "routing.router", "device": "train.device"}
+
+
+def open_run(run_dir: str, overrides: list[str] | tuple[str, ...] = (), router: str | None = None,
+             device: str | None = None) -> Run:
+    """The run from its saved config plus inference-time overrides; `router=x` / `device=x` (--router, --device)
+    are shorthands for routing.router=x / train.device=x. Overrides that would change what was trained are refused."""
+    given = dict(item.split("=", 1) for item in overrides if "=" in item)
+    items = []
+    for flag, value in (("router", router), ("device", device)):
+        if value is None:
+            continue
+        key = SHORTHANDS[flag]
+        if key in given and given[key] != value:
+            raise HiermemError(f"--{flag} {value} and {key}={given[key]} disagree: give one of them")
+        items.append(f"{key}={value}")
+    items += list(overrides)
+    check_run_overrides(items)
+    return Run(run_dir, overrides=items)
+
+
+def _context(run: Run, memory: str | None, block_level: int | None) -> MemoryContext:
     mode = memory or ("fetched" if run.bank is not None else "none")
-    return MemoryContext(run, mode, router, block_level)
+    return MemoryContext(run, mode, None, block_level)  # the router: the run's routing.router (after overrides)
 
 
 def probe_predictor(run: Run, ctx: MemoryContext, max_new_tokens: int = 12, paths_for=None):
@@ -64,12 +88,12 @@ def routed_perplexity(run: Run, ctx: MemoryContext, docs: list[np.ndarray], text
 
 
 def evaluate_run(run_dir: str, memory: str | None = None, router: str | None = None, block_level: int | None = None,
-                 probes: str | None = None, max_new_tokens: int = 12, device: str = "auto",
-                 progress: bool = True) -> dict:
+                 probes: str | None = None, max_new_tokens: int = 12, device: str | None = None,
+                 progress: bool = True, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     from hiermem.eval.probes import evaluate_probes, format_table, load_probes
 
-    run = Run(run_dir, device=device)
-    ctx = _context(run, memory, router, block_level)
+    run = open_run(run_dir, overrides, router=router, device=device)
+    ctx = _context(run, memory, block_level)
     label = ctx.mode if ctx.mode != "fetched" else f"fetched/{ctx.router_name}"
     if block_level is not None:
         label += f"/blocked@{block_level}"
@@ -93,9 +117,10 @@ def evaluate_run(run_dir: str, memory: str | None = None, router: str | None = N
 
 def generate_text(run_dir: str, prompts: list[str], memory: str | None = None, router: str | None = None,
                   block_level: int | None = None, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, seed: int = 0, device: str = "auto") -> list[str]:
-    run = Run(run_dir, device=device)
-    ctx = _context(run, memory, router, block_level)
+                  top_p: float = 1.0, seed: int = 0, device: str | None = None,
+                  overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+    run = open_run(run_dir, overrides, router=router, device=device)
+    ctx = _context(run, memory, block_level)
     mem = ctx.memory_for_texts(prompts)
     tok = run.tokenizer
     ids = generate_ids(run.model, [tok.encode(p) for p in prompts], memory=mem, max_new_tokens=max_new_tokens,

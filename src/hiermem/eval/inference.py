@@ -9,14 +9,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hiermem.config import MEMORY_MODES  # declared with the config, so the CLI reads it without torch
 from hiermem.errors import HiermemError
 from hiermem.eval.run import Run
 from hiermem.memory.fetch import fetch
 from hiermem.model import FetchedMemory
 from hiermem.routing.clustering import embedder_for
 from hiermem.routing.routers import make_router
-
-MEMORY_MODES = ("fetched", "generic", "none")
 
 
 class MemoryContext:

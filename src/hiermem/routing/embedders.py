@@ -15,12 +15,12 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from hiermem import config
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_write_with
 
-ENCODERS = ("minilm", "wordllama")
-LONG_DOCS = ("truncate", "mean_chunks")
-MINILM_MAX_TOKENS = 256  # the window all-MiniLM-L6-v2 was set up for (sentence_bert_config.json)
+# The allowed encoders, long_docs modes and window are declared on config.RoutingConfig, checked by its rules.
+MINILM_MAX_TOKENS = config.field_info("routing.max_tokens").metadata["max"]  # all-MiniLM-L6-v2's window
 
 
 @runtime_checkable
@@ -85,10 +85,8 @@ class MiniLMEmbedder:
     dim = 384
 
     def __init__(self, max_tokens: int = MINILM_MAX_TOKENS, long_docs: str = "truncate", device: str = "cpu"):
-        if long_docs not in LONG_DOCS:
-            raise HiermemError(f"routing.long_docs: {long_docs!r} is not one of {', '.join(LONG_DOCS)}")
-        if not isinstance(max_tokens, int) or not 3 <= max_tokens <= MINILM_MAX_TOKENS:
-            raise HiermemError(f"routing.max_tokens: {max_tokens!r} must be an integer in 3..{MINILM_MAX_TOKENS}")
+        config.check_value("routing.long_docs", long_docs, label="routing.long_docs")
+        config.check_value("routing.max_tokens", max_tokens, label="routing.max_tokens")
         self.max_tokens = max_tokens
         self.long_docs = long_docs
         self.device = device
@@ -187,14 +185,14 @@ class WordLlamaEmbedder:
 
 
 def make_embedder(name: str, max_tokens: int = MINILM_MAX_TOKENS, long_docs: str = "truncate", device: str = "cpu") -> Embedder:
-    if long_docs not in LONG_DOCS:
-        raise HiermemError(f"routing.long_docs: {long_docs!r} is not one of {', '.join(LONG_DOCS)}")
+    config.check_value("routing.encoder", name, label="routing.encoder")
+    config.check_value("routing.long_docs", long_docs, label="routing.long_docs")
     if name == "minilm":
         return MiniLMEmbedder(max_tokens=max_tokens, long_docs=long_docs, device=device)
     if name == "wordllama":
         # Static embeddings see the whole text; max_tokens/long_docs have no meaning for them.
         return WordLlamaEmbedder()
-    raise HiermemError(f"routing.encoder: {name!r} is not one of {', '.join(ENCODERS)}")
+    raise AssertionError(f"routing.encoder={name!r} passed its check but has no embedder")
 
 
 def corpus_key(embedder_name: str, texts: list[str]) -> str:

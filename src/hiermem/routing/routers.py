@@ -15,11 +15,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from hiermem import config
 from hiermem.errors import HiermemError
 from hiermem.routing.embedders import l2_normalize
 from hiermem.routing.tree import Tree, paths_from_leaves
 
-ROUTERS = ("centroid", "knn")
 DUPLICATE_SIM = 1.0 - 1e-5  # a neighbour this similar *is* the query (same text, batch noise aside)
 _VOTE_CHUNK = 4096  # queries per chunk: bounds the [chunk, k, k] vote buffer
 
@@ -79,8 +79,7 @@ class KnnRouter:
         if not np.array_equal(doc_paths, paths_from_leaves(doc_paths[:, -1], tree.depth, tree.branching)) or \
                 doc_paths[:, -1].min() < 0 or doc_paths[:, -1].max() >= tree.n_nodes(tree.depth - 1):
             raise HiermemError("knn router: document paths are not valid root-to-leaf paths of this tree")
-        if k < 1:
-            raise HiermemError(f"routing.knn_k: {k} must be >= 1")
+        config.check_value("routing.knn_k", k, label="routing.knn_k")
         self.tree, self.k = tree, int(k)
         self.doc_paths = doc_paths
         self.name = f"knn:k={self.k}"
@@ -131,6 +130,7 @@ class KnnRouter:
 
 def make_router(name: str, tree: Tree, doc_emb: np.ndarray | None = None, doc_paths: np.ndarray | None = None,
                 k: int = 10) -> Router:
+    config.check_value("routing.router", name, label="--router / routing.router")
     if name == "centroid":
         return CentroidRouter(tree)
     if name == "knn":
@@ -138,7 +138,7 @@ def make_router(name: str, tree: Tree, doc_emb: np.ndarray | None = None, doc_pa
             raise HiermemError("--router knn (routing.router) needs the training documents' embeddings and paths "
                                "(run `hiermem prepare` and `hiermem cluster` first)")
         return KnnRouter(tree, doc_emb, doc_paths, k=k)
-    raise HiermemError(f"--router / routing.router: {name!r} is not one of {', '.join(ROUTERS)}")
+    raise AssertionError(f"routing.router={name!r} passed its check but has no router")
 
 
 def routing_agreement(router: Router, query_emb: np.ndarray, target_leaf: np.ndarray,
