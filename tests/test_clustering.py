@@ -10,7 +10,7 @@ from hiermem.errors import HiermemError
 from hiermem.routing.clustering import cluster, ensure_clustered, format_report
 from hiermem.routing.embedders import WordLlamaEmbedder
 from hiermem.routing.tree import Tree
-from hiermem.runs import load_clustering
+from hiermem.routing.clustering import load_clustering
 
 
 def make_cfg(tmp_path, *extra):

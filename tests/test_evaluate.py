@@ -12,7 +12,8 @@ from hiermem.eval.generation import generate_ids
 from hiermem.eval.perplexity import perplexity
 from hiermem.eval.probes import extract_answer, is_correct
 from hiermem.routing.embedders import WordLlamaEmbedder
-from hiermem.runs import Run
+from hiermem.eval.run import Run
+from hiermem.memory.fetch import fetch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.torch_threads
 
@@ -62,7 +63,7 @@ def test_evaluate_run_reports_perplexity_and_probes_per_group(memory_run, run, p
     else:
         paths = run.tree.route(WordLlamaEmbedder().encode([texts[i] for i in val]))
         gen = torch.full((len(val),), memory == "generic")
-        memory_for = lambda owners: run.bank.fetch(paths[owners], gen[:len(owners)]).memory  # noqa: E731
+        memory_for = lambda owners: fetch(run.bank, paths[owners], gen[:len(owners)]).memory  # noqa: E731
     expected = perplexity(run.model, docs, run.tokenizer.eos_id, run.cfg.data.seq_len, memory_for)
     assert ppl["loss"] == pytest.approx(expected["loss"], rel=1e-6)
 
@@ -77,7 +78,7 @@ def test_evaluate_run_reports_perplexity_and_probes_per_group(memory_run, run, p
     mem = None
     if memory != "none":
         paths = run.tree.route(WordLlamaEmbedder().encode(prompts))
-        mem = run.bank.fetch(paths, torch.full((len(prompts),), memory == "generic")).memory
+        mem = fetch(run.bank, paths, torch.full((len(prompts),), memory == "generic")).memory
     full = greedy_completions(run, prompts, mem)
     for pred, whole, probe in zip(pr["predictions"][:4], full, probes[:4]):
         # decoding may stop early, once more text could not change the extracted answer
@@ -108,7 +109,7 @@ def test_generate_text(memory_run, run):
                            device="cpu")
     paths = run.tree.route(WordLlamaEmbedder().encode(prompts))
     tok = run.tokenizer
-    ids = generate_ids(run.model, [tok.encode(p) for p in prompts], memory=run.bank.fetch(paths).memory,
+    ids = generate_ids(run.model, [tok.encode(p) for p in prompts], memory=fetch(run.bank, paths).memory,
                        max_new_tokens=8, eos_id=tok.eos_id)
     assert greedy == [tok.decode(x) for x in ids]
     kw = dict(memory="generic", max_new_tokens=8, temperature=1.2, top_p=0.9, device="cpu")
@@ -118,7 +119,7 @@ def test_generate_text(memory_run, run):
 
 
 def test_errors(tmp_path, memory_run, probe_file):
-    with pytest.raises(HiermemError, match="config.yaml: missing"):
+    with pytest.raises(HiermemError, match=r"test_errors0: not a hiermem run directory \(no config.yaml\)"):
         evaluate_run(str(tmp_path), device="cpu", progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "answer": "y"}\n{"prompt": "no answer"}\n')

@@ -25,7 +25,7 @@ def prompts(*lengths, seed=1):
 
 def random_memory(batch, rank=4, seed=2):
     g = torch.Generator().manual_seed(seed)
-    return FetchedMemory(torch.randn(batch, CFG.n_layers, 3, rank, CFG.d_model, generator=g) * 0.3)
+    return FetchedMemory.per_sequence(torch.randn(batch, CFG.n_layers, 3, rank, CFG.d_model, generator=g) * 0.3)
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def test_left_padded_batch_equals_each_prompt_alone(model):
     assert batch == [generate_ids(model, [p], max_new_tokens=10)[0] for p in ps]
     mem = random_memory(len(ps))
     batch = generate_ids(model, ps, memory=mem, max_new_tokens=10)
-    alone = [generate_ids(model, [p], memory=FetchedMemory(mem.weights[i:i + 1]), max_new_tokens=10)[0]
+    alone = [generate_ids(model, [p], memory=mem.rows(slice(i, i + 1)), max_new_tokens=10)[0]
              for i, p in enumerate(ps)]
     assert batch == alone
 

@@ -14,7 +14,8 @@ from hiermem.eval.perplexity import perplexity
 from hiermem.model.transformer import Transformer
 from hiermem.routing.embedders import WordLlamaEmbedder
 from hiermem.routing.routers import make_router
-from hiermem.runs import Run
+from hiermem.eval.run import Run
+from hiermem.memory.fetch import fetch
 from hiermem.train.checkpoint import load_weights
 from hiermem.train.loop import Trainer, train
 
@@ -73,16 +74,16 @@ def test_memory_none_is_the_anchor_alone(run, data, anchor_alone, texts):
 
 def test_generic_uses_the_generic_block_for_every_sequence(run, texts):
     ctx = MemoryContext(run, "generic")
-    w = ctx.memory_for_texts(texts).weights
+    w = ctx.memory_for_texts(texts).neurons()
     generic = run.bank.part("generic")[0]
     assert w.shape[0] == len(texts)
     for b in range(len(texts)):
         assert torch.equal(w[b], generic)
     # whatever paths are asked for
     paths = np.array([[1, 5], [3, 13]])
-    w = ctx.memory_for_paths(paths).weights
+    w = ctx.memory_for_paths(paths).neurons()
     assert torch.equal(w[0], generic) and torch.equal(w[1], generic)
-    assert not torch.equal(generic, run.bank.fetch(paths[:1]).memory.weights[0])
+    assert not torch.equal(generic, fetch(run.bank, paths[:1]).memory.neurons()[0])
 
 
 @pytest.mark.parametrize("router", ["centroid", "knn"])
@@ -91,8 +92,8 @@ def test_fetched_uses_the_routed_paths(run, data, texts, router):
     expected = independent_router(data, router, run.tree).route(WordLlamaEmbedder().encode(texts))
     paths = ctx.route(texts)
     np.testing.assert_array_equal(paths, expected)
-    w = ctx.memory_for_texts(texts).weights
-    assert torch.equal(w, run.bank.fetch(expected).memory.weights)
+    w = ctx.memory_for_texts(texts).neurons()
+    assert torch.equal(w, fetch(run.bank, expected).memory.neurons())
     # rows differ where the paths differ: each text gets its own blocks
     other = np.flatnonzero(expected[:, -1] != expected[0, -1])
     assert len(other)  # the texts do not all share one leaf
@@ -118,7 +119,7 @@ def test_block_level_never_returns_the_blocked_node(run, texts, router, level):
     assert (blocked[:, 0] == blocked[:, 1] // run.tree.branching).all()  # still root-to-leaf paths
     if router == "centroid" and level == 1:
         np.testing.assert_array_equal(blocked[:, 0], free[:, 0])  # only the blocked level moves
-    assert torch.equal(ctx.memory_for_texts(texts).weights, run.bank.fetch(blocked).memory.weights)
+    assert torch.equal(ctx.memory_for_texts(texts).neurons(), fetch(run.bank, blocked).memory.neurons())
 
 
 def test_an_unfinished_run_is_read_from_its_checkpoint(longtail_data, tmp_path, texts):
@@ -133,7 +134,7 @@ def test_an_unfinished_run_is_read_from_its_checkpoint(longtail_data, tmp_path, 
     for k in trainer.bank.parts():  # the bank of the same step as the anchor
         assert torch.equal(run.bank.part(k), trainer.bank.part(k)), k
     ctx = MemoryContext(run, "fetched", "centroid")
-    assert torch.equal(ctx.memory_for_texts(texts).weights, trainer.bank.fetch(ctx.route(texts)).memory.weights)
+    assert torch.equal(ctx.memory_for_texts(texts).neurons(), fetch(trainer.bank, ctx.route(texts)).memory.neurons())
 
 
 def test_invalid_settings_are_refused(run, longtail_data, tmp_path):

@@ -8,10 +8,12 @@ from safetensors.torch import load_file
 
 from hiermem.config import load_config, read_config
 from hiermem.data.prepare import prepare
+from hiermem.data.tokenizer import Tokenizer
 from hiermem.errors import HiermemError
 from hiermem.memory.bank import MemoryBank
-from hiermem.runs import bank_spec
-from hiermem.train.loop import Trainer, generic_draw, total_steps, train
+from hiermem.memory.spec import spec_from_config
+from hiermem.train.loop import Trainer, as_numbers, total_steps, train
+from hiermem.train.step import generic_draw
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.torch_threads
 
@@ -120,12 +122,14 @@ def test_finished_run_files(make):
     cfg = make("r", "train.mode=scratch", "train.max_steps=3")
     summary = train(cfg, progress=False)
     run = cfg.run_dir
-    for name in ("config.yaml", "tokenizer.json", "tree.npz", "anchor.safetensors", "bank", "checkpoint",
-                 "metrics.jsonl", "train_summary.json"):
+    for name in ("config.yaml", "run.json", "tokenizer.json", "tree.npz", "anchor.safetensors", "bank",
+                 "checkpoint", "metrics.jsonl", "train_summary.json"):
         assert (run / name).exists(), name
     assert json.loads((run / "train_summary.json").read_text()) == json.loads(json.dumps(summary))
     saved = read_config(run / "config.yaml")
-    assert saved.model.vocab_size == cfg.model.vocab_size > 0  # the resolved size is recorded
+    tokenizer_size = Tokenizer.load(run / "tokenizer.json").vocab_size
+    assert cfg.model.vocab_size == 0  # the caller's config is not modified
+    assert saved.model.vocab_size == -(-tokenizer_size // 64) * 64 > 0  # the resolved size is recorded
     assert summary["parameters"]["fetched"] == 3 * 64 * 2 * 16  # 3 parts x d x layers x (8 + 8)
 
 
@@ -136,7 +140,7 @@ def test_frozen_keeps_the_anchor_and_trains_the_bank(make, anchor_run):
     cfg = make("frozen", "train.mode=frozen", f"train.init_from={anchor_run}", "train.max_steps=4")
     trainer = Trainer(cfg, progress=False)
     src = load_file(str(anchor_run / "anchor.safetensors"))
-    fresh = MemoryBank.create(bank_spec(cfg), seed=cfg.train.seed)
+    fresh = MemoryBank.create(spec_from_config(cfg), seed=cfg.train.seed)
     trainer.run()
     out = load_file(str(cfg.run_dir / "anchor.safetensors"))
     assert_same(out, src)
@@ -161,7 +165,7 @@ def test_cotrain_step_updates_only_fetched_blocks(make, anchor_run):
     assert 0 < use_generic.sum() < len(idx)  # both kinds of rows in this step
     before, anchor_before = bank_arrays(trainer.bank), weights(trainer.model)
 
-    out = trainer.train_step(idx)
+    out = as_numbers(trainer.advance(idx))
 
     after = bank_arrays(trainer.bank)
     for level in (0, 1):
@@ -174,7 +178,7 @@ def test_cotrain_step_updates_only_fetched_blocks(make, anchor_run):
     assert out["generic_frac"] == pytest.approx(use_generic.mean())
     # the anchor learns too in cotrain mode
     anchor_after = weights(trainer.model)
-    assert not torch.equal(anchor_after["blocks.0.ffn.w1.weight"], anchor_before["blocks.0.ffn.w1.weight"])
+    assert not torch.equal(anchor_after["blocks.0.ffn.gate_proj.weight"], anchor_before["blocks.0.ffn.gate_proj.weight"])
 
 
 def test_no_generic_row_leaves_the_generic_block_alone(make, anchor_run):
@@ -182,7 +186,7 @@ def test_no_generic_row_leaves_the_generic_block_alone(make, anchor_run):
                "memory.generic_prob=0.0")
     trainer = Trainer(cfg, progress=False)
     before = bank_arrays(trainer.bank)
-    trainer.train_step(np.arange(0, len(trainer.dataset), 97)[:8])
+    trainer.advance(np.arange(0, len(trainer.dataset), 97)[:8])
     assert torch.equal(trainer.bank.part("generic"), before["generic"])
 
 
@@ -199,7 +203,7 @@ def test_grad_accumulation_equals_one_big_batch(make):
     np.testing.assert_array_equal(b1, b2)
     assert len(b1) == 16
     anchor0, bank0 = weights(big.model), bank_arrays(big.bank)
-    o1, o2 = big.train_step(b1), acc.train_step(b2)
+    o1, o2 = as_numbers(big.advance(b1)), as_numbers(acc.advance(b2))
     assert o2["loss"] == pytest.approx(o1["loss"], rel=1e-6)
     assert o2["grad_norm"] == pytest.approx(o1["grad_norm"], rel=1e-5)
     assert o2["tokens"] == o1["tokens"] and o2["blocks_updated"] == o1["blocks_updated"]
@@ -214,7 +218,7 @@ def test_grad_accumulation_equals_one_big_batch(make):
     # the next step starts from (numerically) the same weights: the same loss again
     b1, b2 = next(batches_big), next(batches_acc)
     np.testing.assert_array_equal(b1, b2)
-    assert acc.train_step(b2)["loss"] == pytest.approx(big.train_step(b1)["loss"], rel=1e-5)
+    assert float(acc.advance(b2)["loss"]) == pytest.approx(float(big.advance(b1)["loss"]), rel=1e-5)
 
 
 def test_total_steps_counts_accumulated_batches(make):
@@ -248,7 +252,7 @@ def test_metrics_report_memory_use_per_level(make):
     trainer = Trainer(cfg, progress=False)
     trainer.run()
     (rec,) = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rec["distinct_fetched"] == [int((c > 0).sum()) for c in trainer.bank.fetch_counts]
+    assert rec["distinct_fetched"] == [int((c > 0).sum()) for c in trainer.train_step.counts.per_level]
 
 
 def test_anchor_metrics_have_no_memory_fields(make):
@@ -289,6 +293,10 @@ def test_init_from_an_anchor_with_another_tokenizer_is_refused(longtail_data, an
     cfg = load_config("tiny", [*other, f"train.init_from={anchor_run}", f"train.run_dir={tmp_path / 'r'}"])
     with pytest.raises(HiermemError, match=r"anchor trained with another tokenizer"):
         Trainer(cfg, progress=False)
+    from hiermem.data.prepare import DataDir
+    from hiermem.data.tokenizer import resolve_vocab
+
+    resolve_vocab(cfg, DataDir(cfg.data_dir).tokenizer())  # what the trainer resolved from the other tokenizer
     assert cfg.model.vocab_size == read_config(anchor_run / "config.yaml").model.vocab_size == 512
 
 

@@ -44,7 +44,7 @@ def reference_nll(model, docs, memories=None):
         for lo in range(0, len(stream) - 1, SEQ_LEN):
             x = torch.tensor([stream[lo: lo + SEQ_LEN]])
             y = torch.tensor(stream[lo + 1: lo + SEQ_LEN + 1])
-            mem = FetchedMemory(memories[d: d + 1]) if memories is not None else None
+            mem = FetchedMemory.per_sequence(memories[d: d + 1]) if memories is not None else None
             logits, _ = model(x, memory=mem)
             logp = torch.log_softmax(logits[0].double(), -1)
             total -= float(logp[torch.arange(len(y)), y].sum())
@@ -82,7 +82,7 @@ def test_memory_for_gets_the_document_owners(model, docs):
 
     def memory_for(owners):
         calls.append(np.asarray(owners).copy())
-        return FetchedMemory(mems[torch.from_numpy(np.asarray(owners))])
+        return FetchedMemory.per_sequence(mems[torch.from_numpy(np.asarray(owners))])
 
     total, count, owners = reference_nll(model, docs, memories=mems)
     out = perplexity(model, docs, EOS, SEQ_LEN, memory_for=memory_for, batch_size=3)

@@ -164,3 +164,49 @@ def test_tokenizer_round_trip_on_unseen_text(tmp_path, corpus):
     tok = Tokenizer.load(prepare(cfg_for(tmp_path, path)).path / "tokenizer.json")
     for text in ("Ünïcode and never seen words: 東京 🎉", "  spaces\tand\nnewlines  "):
         assert tok.decode(tok.encode(text)) == text
+
+
+
+def _pack(overrides, leaf):
+    from hiermem.routing.clustering import load_clustering
+
+    cfg = load_config("tiny", overrides)
+    data = DataDir(cfg.data_dir)
+    if leaf:
+        c = load_clustering(data, cfg, required=True)
+        return len(data.packed("train", cfg.data.seq_len, c.doc_paths, c.tree.fingerprint()))
+    return len(data.packed("train", cfg.data.seq_len))
+
+
+def test_concurrent_packing_waits_for_the_writer(longtail_data):
+    """Two trainings starting together on one data dir (the demo's parallel jobs) must not both pack: the
+    second waits on the lock, then reuses the first one's output."""
+    import fcntl
+    import multiprocessing as mp
+
+    overrides = [*longtail_data, "data.seq_len=48"]  # a key no other test has packed yet
+    cfg = load_config("tiny", overrides)
+    out = DataDir(cfg.data_dir).packed_path("train", 48)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    child = mp.get_context("spawn").Process(target=_pack, args=(overrides, False))
+    with open(out.parent / f".{out.name}.lock", "w") as lock:  # we are "the other writer"
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        child.start()
+        child.join(timeout=8)
+        assert child.is_alive() and not out.exists()  # blocked on our lock, wrote nothing
+    child.join(timeout=60)
+    assert child.exitcode == 0 and (out / "meta.json").is_file()
+    assert _pack(overrides, False) > 0  # cached now
+
+
+def test_leaf_packing_keeps_one_path_per_sequence(longtail_data):
+    from hiermem.routing.clustering import load_clustering
+
+    cfg = load_config("tiny", longtail_data)
+    data = DataDir(cfg.data_dir)
+    clustering = load_clustering(data, cfg, required=True)
+    ds = data.packed("train", cfg.data.seq_len, clustering.doc_paths, clustering.tree.fingerprint())
+    batch = ds.batch(np.arange(len(ds)))
+    leaves = clustering.doc_paths[:, -1]
+    assert set(batch["paths"][:, -1].tolist()) <= set(leaves.tolist())
+    assert batch["paths"].shape[1] == clustering.tree.depth

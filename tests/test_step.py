@@ -73,3 +73,12 @@ def test_train_compile_gives_the_eager_losses(mode):
         step = build_step(cfg, CPU)
         losses[compiled] = [float(step(synthetic_batch(cfg, i, doc_len=5), i)["loss"]) for i in range(3)]
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_flex_attention_training_is_refused_off_cuda():
+    from hiermem.errors import HiermemError
+
+    cfg = shape_config("tiny", "anchor", "cpu")
+    cfg.model.attention = "flex"
+    with pytest.raises(HiermemError, match="model.attention=flex trains on CUDA only"):
+        build_step(cfg, CPU)

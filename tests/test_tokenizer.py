@@ -80,3 +80,19 @@ def test_load_errors(tmp_path, tok):
 def test_vocab_too_small():
     with pytest.raises(HiermemError, match="vocab_size must be at least 257"):
         train_tokenizer(CORPUS, vocab_size=100)
+
+
+class _Tok:
+    vocab_size = 3000
+
+
+def test_resolve_vocab_rounds_up_and_refuses_a_smaller_model():
+    from hiermem.config import load_config
+    from hiermem.data.tokenizer import resolve_vocab
+
+    cfg = load_config("tiny")
+    resolve_vocab(cfg, _Tok())
+    assert cfg.model.vocab_size == 3008
+    cfg.model.vocab_size = 2048
+    with pytest.raises(HiermemError, match="model.vocab_size=2048 is smaller than the tokenizer's 3000"):
+        resolve_vocab(cfg, _Tok())

@@ -82,8 +82,7 @@ class DataDir:
         """A split's packed sequences, cached under packed/ by (split, seq_len, tree). With doc_paths (every
         document's root-to-leaf path) documents are packed per leaf, one path per sequence (the paper's
         App. A.2); without, in corpus order."""
-        key = hashlib.sha256(f"{split}:{seq_len}:{tree_id}".encode()).hexdigest()[:12]
-        out = self.path / "packed" / f"{split}-{key}"
+        out = self.packed_path(split, seq_len, tree_id)
         out.parent.mkdir(parents=True, exist_ok=True)
         # several trainings may start at once on one data dir (the demo's parallel jobs): one packs, the
         # others wait on the lock and then reuse its output
@@ -92,6 +91,10 @@ class DataDir:
             if not (out / "meta.json").is_file():
                 self._pack(split, seq_len, doc_paths, out)
         return PackedDataset(out)
+
+    def packed_path(self, split: str, seq_len: int, tree_id: str = "flat") -> Path:
+        key = hashlib.sha256(f"{split}:{seq_len}:{tree_id}".encode()).hexdigest()[:12]
+        return self.path / "packed" / f"{split}-{key}"
 
     def _pack(self, split: str, seq_len: int, doc_paths: np.ndarray | None, out: Path) -> None:
         is_val = self.is_val()

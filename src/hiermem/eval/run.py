@@ -38,7 +38,8 @@ class Run:
         load_weights(self.model, weights)
         self.bank = self.tree = None
         if self.cfg.uses_memory:
-            self.bank = MemoryBank.load(bank_dir, mmap=True, cache_levels=self.cfg.memory.cache_levels)
+            m = self.cfg.memory
+            self.bank = MemoryBank.load(bank_dir, mmap=m.mmap, cache_levels=m.cache_levels)
             self.bank.check_compatible(spec_from_config(self.cfg))
             self.tree = Tree.load(self.path / "tree.npz")
 

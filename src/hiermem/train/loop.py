@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hiermem.config import Config, diff_fields, read_config, resolve_paths, save_config, to_dict
+from hiermem.config import Config, check_training, diff_fields, read_config, resolve_paths, save_config, to_dict
 from hiermem.data.packing import BatchSampler
 from hiermem.data.prepare import DataDir
 from hiermem.data.tokenizer import Tokenizer, resolve_vocab
@@ -69,6 +69,7 @@ def _init_from(cfg: Config, model: Transformer, tok: Tokenizer) -> Path | None:
 
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
+        check_training(cfg)  # the train.mode / train.init_from rules
         cfg = resolve_paths(cfg)  # the saved config names absolute paths: the run loads from anywhere
         self.cfg, self.progress = cfg, progress
         t = cfg.train
@@ -78,9 +79,6 @@ class Trainer:
         self.data.check(cfg)
         tok = self.data.tokenizer()
         resolve_vocab(cfg, tok)  # before comparing with a saved config, which holds the resolved size
-        if t.mode == "cotrain" and not t.init_from:
-            raise HiermemError("config: train.mode=cotrain needs train.init_from (a trained anchor run directory); "
-                               "train.mode=scratch trains anchor and memory from random initialisation")
         _check_run_dir(cfg, resume)
         self.device = resolve_device(t.device)
         torch.manual_seed(t.seed)
@@ -121,6 +119,16 @@ class Trainer:
         shutil.copyfile(self.data.path / "tokenizer.json", cfg.run_dir / "tokenizer.json")
         if cfg.uses_memory:
             self.clustering.tree.save(cfg.run_dir / "tree.npz")
+
+    def advance(self, indices) -> dict:
+        """One step on the sequences `indices` of the training set; returns TrainStep's tensors plus the
+        number of target tokens (counted on the host copy of the batch: no device sync)."""
+        batch = self.dataset.batch(indices)
+        tokens = int((batch["targets"] != -100).sum())
+        out = self.train_step(batch, self.step)
+        self.step += 1
+        self.tokens_seen += tokens
+        return {**out, "tokens": tokens}
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -192,19 +200,16 @@ class Trainer:
         with open(metrics_path, "a", encoding="utf-8") as metrics:
             while self.step < end:
                 t0 = time.perf_counter()
-                batch = self.dataset.batch(next(batches))
-                tokens = int((batch["targets"] != -100).sum())  # counted on the host copy: no device sync
-                out = self.train_step(batch, self.step)
-                self.step += 1
-                self.tokens_seen += tokens
+                out = self.advance(next(batches))
                 self.elapsed += time.perf_counter() - t0
-                window_tokens += tokens
+                window_tokens += out["tokens"]
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == end:  # the only host syncs of the loop
                     rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
-                    last = _as_numbers(out)
+                    last = as_numbers(out)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{rate:,.0f}")
-                    rec = {"step": self.step, "total_steps": self.steps, **last,
+                    rec = {"step": self.step, "total_steps": self.steps,
+                           **{k: v for k, v in last.items() if k != "tokens"},
                            "tokens_seen": self.tokens_seen, "tok_per_s": rate, "elapsed": self.elapsed}
                     if fetched_before is not None:  # evidence that the memory is used
                         now = counts.snapshot()
@@ -227,12 +232,10 @@ class Trainer:
         return summary
 
 
-def _as_numbers(out: dict) -> dict:
-    """The step's tensors as Python numbers, for the log (this is where the host waits for the device)."""
+def as_numbers(out: dict) -> dict:
+    """A step's tensors as Python numbers, for the log (this is where the host waits for the device)."""
     res = {}
     for k, v in out.items():
-        if k == "tokens":
-            continue
         if isinstance(v, torch.Tensor):
             v = float(v)
         elif isinstance(v, list):
@@ -245,4 +248,4 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     return Trainer(cfg, resume=resume, progress=progress).run()
 
 
-__all__ = ["Trainer", "train"]
+__all__ = ["Trainer", "as_numbers", "train"]

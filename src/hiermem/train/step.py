@@ -17,6 +17,7 @@ import math
 import torch
 
 from hiermem.config import Config
+from hiermem.errors import HiermemError
 from hiermem.memory.bank import MemoryBank
 from hiermem.memory.fetch import FetchCounts, block_grads, fetch
 from hiermem.memory.optim import LazyAdamW
@@ -61,6 +62,9 @@ class TrainStep:
     def __init__(self, cfg: Config, model: Transformer, device: torch.device, total_steps: int,
                  anchor_opt: torch.optim.Optimizer | None, bank: MemoryBank | None = None,
                  bank_opt: LazyAdamW | None = None):
+        if cfg.model.attention == "flex" and device.type != "cuda":
+            raise HiermemError("config: model.attention=flex trains on CUDA only (FlexAttention has no CPU "
+                               "backward in this torch); use model.attention=sdpa")
         self.cfg, self.model, self.device, self.total_steps = cfg, model, device, total_steps
         self.anchor_opt, self.bank, self.bank_opt = anchor_opt, bank, bank_opt
         self.counts = FetchCounts(bank.spec) if bank is not None else None
