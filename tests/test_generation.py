@@ -166,3 +166,38 @@ def test_top_k_then_top_p():
         kept = torch.isfinite(filtered).nonzero().squeeze(1).tolist()
         assert kept == reference_top_p(k_row, 0.6)  # top-p over the renormalised top-k
         assert set(kept) <= set(row.topk(6).indices.tolist())
+
+
+# --- the KV cache ----------------------------------------------------------------------------------------
+
+
+def test_kv_cache_gives_the_tokens_of_full_recomputation(model):
+    """Left-padded prompts of different lengths, per-row memory, greedy and sampled: the cached decode feeds
+    one token per step and must choose exactly what recomputing the whole sequence chooses."""
+    ps = prompts(3, 9, 1, 14)
+    mem = random_memory(len(ps))
+    for kw in (dict(), dict(memory=mem), dict(memory=mem, temperature=0.9, top_k=20, seed=4)):
+        cached = generate_ids(model, ps, max_new_tokens=12, **kw)
+        assert cached == generate_ids(model, ps, max_new_tokens=12, use_cache=False, **kw)
+    assert generate_ids(model, ps[:1], max_new_tokens=12) == [reference_greedy(model, ps[0], 12)]
+
+
+def test_kv_cache_logits_equal_the_full_forward_at_every_step(model):
+    from hiermem.model.transformer import KVCache
+
+    (p,) = prompts(7)
+    ids = torch.tensor([p + [5, 17, 3]])
+    full, _ = model(ids)
+    cache = KVCache()
+    with torch.no_grad():
+        first, _ = model(ids[:, :7], cache=cache)
+        torch.testing.assert_close(first[:, -1], full[:, 6], rtol=1e-5, atol=1e-5)
+        for t in range(7, 10):
+            step, _ = model(ids[:, t:t + 1], positions=torch.tensor([[t]]), cache=cache)
+            torch.testing.assert_close(step[:, -1], full[:, t], rtol=1e-5, atol=1e-5)
+    assert cache.keys[0].shape[2] == 10 and cache.valid.all()
+
+
+def test_a_continuation_past_the_context_recomputes_a_sliding_window(model):
+    (p,) = prompts(29)  # 29 + 8 > max_seq_len 32: no cache, the window slides as before
+    assert generate_ids(model, [p], max_new_tokens=8) == generate_ids(model, [p], max_new_tokens=8, use_cache=False)

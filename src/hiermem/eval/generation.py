@@ -1,8 +1,9 @@
 """Batched text generation: greedy or sampled (temperature, top-k, top-p), with optional fetched memory.
 
 Prompts of different lengths are left-padded; padding is its own masked segment and positions start at 0 on
-each prompt's first real token, so a padded prompt decodes exactly as it would alone. No KV cache: the
-prompts this project decodes are short, and recomputing keeps the model file free of inference state.
+each prompt's first real token, so a padded prompt decodes exactly as it would alone. With a KV cache the
+prompts run once and each step feeds one token per row; a continuation that would outgrow the model's context
+(model.max_seq_len) instead recomputes a sliding window of the last max_seq_len tokens at every step.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from hiermem.model import FetchedMemory
-from hiermem.model.transformer import Transformer
+from hiermem.model.transformer import KVCache, Transformer
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -30,7 +31,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 @torch.no_grad()
 def generate_ids(model: Transformer, prompts: list[list[int]], memory: FetchedMemory | None = None,
                  max_new_tokens: int = 16, eos_id: int | None = None, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, stop_fn=None) -> list[list[int]]:
+                 top_p: float = 1.0, seed: int = 0, stop_fn=None, use_cache: bool = True) -> list[list[int]]:
     """Continue each prompt (token ids). A row stops at eos (dropped) or once stop_fn(row, new_ids) is true;
     decoding ends when every row has stopped or after max_new_tokens."""
     device = next(model.parameters()).device
@@ -46,12 +47,16 @@ def generate_ids(model: Transformer, prompts: list[list[int]], memory: FetchedMe
     gen = torch.Generator(device=device).manual_seed(seed)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(B)]
-    for _ in range(max_new_tokens):
-        window = slice(max(0, ids.shape[1] - limit), None)  # keep within the RoPE/context budget
-        x, s = ids[:, window], seg[:, window]
-        pos = (s >= 0).long().cumsum(1) - 1
-        pos = pos.clamp(min=0)
-        logits, _ = model(x, positions=pos, segment_ids=s, memory=memory)
+    cache = KVCache() if use_cache and longest + max_new_tokens - 1 <= limit else None  # no window slides
+    pos = None
+    for step in range(max_new_tokens):
+        if cache is not None and step > 0:  # the cache holds everything before: feed the new token only
+            x, s, pos = ids[:, -1:], seg[:, -1:], pos[:, -1:] + 1
+        else:
+            window = slice(max(0, ids.shape[1] - limit), None)  # keep within the RoPE/context budget
+            x, s = ids[:, window], seg[:, window]
+            pos = ((s >= 0).long().cumsum(1) - 1).clamp(min=0)
+        logits, _ = model(x, positions=pos, segment_ids=s, memory=memory, cache=cache)
         logits = logits[:, -1].float()
         if temperature <= 0:
             nxt = logits.argmax(-1)

@@ -17,6 +17,7 @@ branch is skipped, so the plain anchor pays nothing.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -73,6 +74,36 @@ def document_mask(segment_ids: torch.Tensor, kind: str = "sdpa"):
     return mask[:, None]
 
 
+@dataclass
+class KVCache:
+    """Keys and values of every layer while generating: a prompt is run once, then one token per step.
+    valid [B, T] marks the cached positions that are real tokens (left padding is never attended)."""
+
+    keys: list = field(default_factory=list)  # per layer [B, H, T, head_dim]
+    values: list = field(default_factory=list)
+    valid: torch.Tensor | None = None
+
+    def mask(self, segment_ids: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T_new, T_cached + T_new]: new tokens see every valid cached token and earlier new ones."""
+        new_valid = segment_ids >= 0
+        t_old = 0 if self.valid is None else self.valid.shape[1]
+        self.valid = new_valid if self.valid is None else torch.cat([self.valid, new_valid], 1)
+        t_new, dev = segment_ids.shape[1], segment_ids.device
+        causal = torch.ones(t_new, t_old + t_new, dtype=torch.bool, device=dev).tril(t_old)
+        itself = (torch.arange(t_new, device=dev)[:, None] + t_old) == torch.arange(t_old + t_new, device=dev)
+        # a padding query sees only itself: one finite softmax entry, as in document_mask
+        return (self.valid[:, None, None, :] & causal) | (itself & ~new_valid[:, None, :, None])
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], 2)
+            self.values[layer] = torch.cat([self.values[layer], v], 2)
+        return self.keys[layer], self.values[layer]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -85,12 +116,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(width, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(width, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_norm(self.k_proj(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generating: attend to the earlier tokens' keys and values as well
+            k, v = cache.extend(layer, k, v)
         if mask is None:  # every row is one whole document: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif isinstance(mask, torch.Tensor):  # boolean [B, 1, T, T]: causal and within the same document
@@ -124,8 +157,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask, memory=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, memory=None, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
         return x + self.ffn(self.ffn_norm(x), memory)
 
 
@@ -161,20 +194,27 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         memory: FetchedMemory | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """input_ids [B, T]; targets [B, T] with -100 = ignore; positions [B, T] (default 0..T-1);
         segment_ids [B, T]: document of each token, -1 = padding (default: each row is one document);
-        memory: per-sequence FFN neurons. Returns (logits [B, T, V], mean cross-entropy over non-ignored
-        targets, or None)."""
+        memory: per-sequence FFN neurons; cache: generation's keys and values (each row one document; the
+        logits are then those of the last position only). Returns (logits [B, T, V], mean cross-entropy
+        over non-ignored targets, or None)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_base)
-        mask = None if segment_ids is None else document_mask(segment_ids, self.cfg.attention)
+        if cache is not None:
+            mask = cache.mask(segment_ids if segment_ids is not None else torch.zeros_like(input_ids))
+        else:
+            mask = None if segment_ids is None else document_mask(segment_ids, self.cfg.attention)
         per_layer = memory.per_layer(len(self.blocks)) if memory is not None else [None] * len(self.blocks)
         x = self.tok_emb(input_ids)
-        for block, mem in zip(self.blocks, per_layer):
-            x = block(x, cos, sin, mask, mem)
+        for i, (block, mem) in enumerate(zip(self.blocks, per_layer)):
+            x = block(x, cos, sin, mask, mem, cache, i)
+        if cache is not None:  # generation needs the next token only
+            x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:

