@@ -113,9 +113,13 @@ def test_generate_text(memory_run, run):
                        max_new_tokens=8, eos_id=tok.eos_id)
     assert greedy == [tok.decode(x) for x in ids]
     kw = dict(memory="generic", max_new_tokens=8, temperature=1.2, top_p=0.9, device="cpu")
-    a = generate_text(str(memory_run), prompts, seed=3, **kw)
-    assert a == generate_text(str(memory_run), prompts, seed=3, **kw)
-    assert len(a) == 2 and all(isinstance(t, str) for t in a)
+    sampled = generate_text(str(memory_run), prompts, seed=3, **kw)
+    # the same draw by hand: the generic block for every prompt, the same sampling parameters and seed
+    generic = fetch(run.bank, np.zeros((2, run.tree.depth), np.int64), torch.ones(2, dtype=torch.bool)).memory
+    ids = generate_ids(run.model, [tok.encode(p) for p in prompts], memory=generic, max_new_tokens=8,
+                       eos_id=tok.eos_id, temperature=1.2, top_p=0.9, seed=3)
+    assert sampled == [tok.decode(x) for x in ids]
+    assert sampled != generate_text(str(memory_run), prompts, seed=4, **kw)  # the seed matters
 
 
 def test_errors(tmp_path, memory_run, probe_file):

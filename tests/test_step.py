@@ -13,6 +13,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 
 
+def tiny_step(section: str, **values):
+    """The train suite's tiny memory shape, with cfg.<section>.<key> = value for each keyword."""
+    cfg = shape_config("tiny", "scratch", "cpu")
+    for key, value in values.items():
+        setattr(getattr(cfg, section), key, value)
+    return cfg, build_step(cfg, CPU)
+
+
 def test_the_gradient_norm_covers_the_anchor_and_the_fetched_blocks():
     """Reference by hand: one forward/backward, the squared norms of every anchor gradient and every
     per-block gradient summed, then every gradient scaled by clip / (norm + 1e-6)."""
@@ -39,9 +47,7 @@ def test_below_the_clip_threshold_gradients_are_untouched():
     """With grad_clip above the norm, the step equals the same step with clipping off, bit for bit."""
     results = []
     for clip in (1e9, 0.0):
-        cfg = shape_config("tiny", "scratch", "cpu")
-        cfg.train.grad_clip = clip
-        step = build_step(cfg, CPU)
+        cfg, step = tiny_step("train", grad_clip=clip)
         for i in range(2):
             out = step(synthetic_batch(cfg, i, doc_len=5), i)
         results.append((float(out["loss"]), {k: step.bank.part(k).clone() for k in step.bank.parts()},
@@ -55,9 +61,7 @@ def test_below_the_clip_threshold_gradients_are_untouched():
 def test_micro_batches_equal_one_batch():
     outs = []
     for accum in (1, 4):
-        cfg = shape_config("tiny", "scratch", "cpu")
-        cfg.train.grad_accum = accum
-        step = build_step(cfg, CPU)
+        cfg, step = tiny_step("train", grad_accum=accum)
         outs.append(step(synthetic_batch(cfg, 0, doc_len=3), 0))
     assert float(outs[1]["loss"]) == pytest.approx(float(outs[0]["loss"]), rel=1e-6)
     assert float(outs[1]["grad_norm"]) == pytest.approx(float(outs[0]["grad_norm"]), rel=1e-5)

@@ -47,7 +47,6 @@ def test_recovers_blob_structure(fitted):
     assert _bijective(routed[:, 0], labels[:, 0]) and _bijective(routed[:, 1], labels[:, 1])
     # global ids: a leaf's parent is leaf // branching
     assert np.array_equal(routed[:, 0], routed[:, 1] // 4)
-    assert np.array_equal(Tree.leaf_ids(routed), routed[:, 1])
     assert np.array_equal(paths_from_leaves(routed[:, 1], 2, 4), routed)
 
 

@@ -343,18 +343,29 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
-def preset_path(name_or_path: str) -> Path:
-    """A preset name (tiny, small, ...) or a path to a YAML file."""
+def preset_path(name_or_path: str, folder: Path = PRESET_DIR, what: str = "config") -> Path:
+    """A preset name (a YAML file's stem in folder: tiny, small, ...) or a path to a YAML file."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
-            raise HiermemError(f"{p}: config file not found")
+            raise HiermemError(f"{p}: {what} file not found")
         return p
-    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    candidate = folder / f"{name_or_path}.yaml"
     if not candidate.is_file():
-        names = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
-        raise HiermemError(f"config: unknown preset {name_or_path!r} (presets: {names})")
+        names = ", ".join(sorted(x.stem for x in folder.glob("*.yaml")))
+        raise HiermemError(f"{what}: unknown preset {name_or_path!r} (presets: {names})")
     return candidate
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}); errors are one line naming the file."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise HiermemError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise HiermemError(f"{path}: expected a mapping at the top level")
+    return loaded
 
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -362,13 +373,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     if not preset:
         return _merge({}, overrides, "defaults")
     path = preset_path(preset)
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise HiermemError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(loaded, dict):
-        raise HiermemError(f"{path}: expected a mapping at the top level")
-    return _merge(loaded, overrides, str(path))
+    return _merge(read_yaml_mapping(path), overrides, str(path))
 
 
 def _merge(base: dict, overrides: list[str] | tuple[str, ...], source: str) -> Config:
@@ -413,12 +418,7 @@ def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise HiermemError(f"{path}: missing (not a hiermem run or data directory?)")
-    try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise HiermemError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(saved, dict):
-        raise HiermemError(f"{path}: expected a mapping at the top level")
+    saved = read_yaml_mapping(path)
     for key in REMOVED_KEYS:
         section, name = key.split(".")
         if isinstance(saved.get(section), dict):

@@ -113,10 +113,6 @@ class Tree:
                 paths[a : a + len(x), l] = parent
         return paths
 
-    @staticmethod
-    def leaf_ids(paths: np.ndarray) -> np.ndarray:
-        return np.asarray(paths)[:, -1]
-
     def fingerprint(self) -> str:
         """sha256 of the shape and the centroid bytes: artifacts built for another tree are refused."""
         h = hashlib.sha256(f"{TREE_FORMAT}:{self.depth}:{self.branching}:{self.dim}".encode())

@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from hiermem.config import Config, load_config
+from hiermem.config import Config, load_config, preset_path, read_yaml_mapping
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_write_json, atomic_write_text
 from hiermem_experiments.longtail.buckets import bucket_of, leaf_prior
@@ -57,29 +56,10 @@ class DemoSpec:
     max_new_tokens: int = 10
 
 
-def preset_path(name_or_path: str) -> Path:
-    """A demo preset name (demo-cpu, demo-quick, demo-gpu, demo-160m) or a path to a YAML file."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise HiermemError(f"{p}: demo preset file not found")
-        return p
-    candidate = PRESET_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        names = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
-        raise HiermemError(f"demo: unknown preset {name_or_path!r} (presets: {names})")
-    return candidate
-
-
 def load_spec(preset: str = DEFAULT_PRESET) -> DemoSpec:
     """The DemoSpec of a preset name or YAML path; errors are one line naming the file and the key."""
-    path = preset_path(preset)
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise HiermemError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(loaded, dict):
-        raise HiermemError(f"{path}: expected a mapping of DemoSpec fields at the top level")
+    path = preset_path(preset, PRESET_DIR, "demo")
+    loaded = read_yaml_mapping(path)
     if "user_overrides" in loaded:
         raise HiermemError(f"{path}: key 'user_overrides' is not a preset key (give overrides after "
                            "`hiermem demo`; use 'overrides' in a preset)")
