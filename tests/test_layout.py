@@ -50,3 +50,29 @@ def test_the_checker_sees_every_kind_of_import(tmp_path):
                     "from hiermem import errors\n")
     assert _experiment_imports(path) == {(None, "hiermem_experiments"), (None, "hiermem_experiments.longtail"),
                                          ("f", "hiermem_experiments.longtail.corpus")}
+
+
+# Inside the library, imports go one way down these layers (a module may import its own layer or lower ones).
+LAYERS = [{"errors", "io_utils"}, {"config", "device"}, {"model"}, {"memory", "data"}, {"routing"}, {"train"},
+          {"eval"}, {"bench"}, {"cli"}]
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    name = parts[1] if len(parts) > 1 else "config"  # `from hiermem import config`
+    return next(i for i, layer in enumerate(LAYERS) if name in layer)
+
+
+def test_library_imports_go_one_way_down_the_layers():
+    wrong = []
+    for path in (SRC / "hiermem").rglob("*.py"):
+        rel = path.relative_to(SRC).with_suffix("")
+        module = ".".join(rel.parts).removesuffix(".__init__")
+        if module == "hiermem":
+            continue
+        own = _layer(module)
+        for imported in _imported_modules(ast.parse(path.read_text(encoding="utf-8"))):
+            if imported.split(".")[0] == "hiermem" and _layer(imported) > own:
+                wrong.append(f"{module} imports {imported}")
+    assert wrong == []
+    assert _layer("hiermem.model.transformer") < _layer("hiermem.memory.bank")  # memory builds on model
