@@ -1,4 +1,5 @@
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -123,7 +124,7 @@ def test_generate_text(memory_run, run):
 
 
 def test_errors(tmp_path, memory_run, probe_file):
-    with pytest.raises(HiermemError, match=r"test_errors0: not a hiermem run directory \(no config.yaml\)"):
+    with pytest.raises(HiermemError, match=re.escape(f"{tmp_path}: not a hiermem run directory (no config.yaml)")):
         evaluate_run(str(tmp_path), device="cpu", progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "answer": "y"}\n{"prompt": "no answer"}\n')

@@ -58,8 +58,7 @@ LAYERS = [{"errors", "io_utils"}, {"config", "device"}, {"model"}, {"memory", "d
 
 
 def _layer(module: str) -> int:
-    parts = module.split(".")
-    name = parts[1] if len(parts) > 1 else "config"  # `from hiermem import config`
+    name = module.split(".")[1]
     return next(i for i, layer in enumerate(LAYERS) if name in layer)
 
 
@@ -71,8 +70,16 @@ def test_library_imports_go_one_way_down_the_layers():
         if module == "hiermem":
             continue
         own = _layer(module)
-        for imported in _imported_modules(ast.parse(path.read_text(encoding="utf-8"))):
-            if imported.split(".")[0] == "hiermem" and _layer(imported) > own:
-                wrong.append(f"{module} imports {imported}")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "hiermem":
+                names = [f"hiermem.{a.name}" for a in node.names]  # from hiermem import config
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for imported in names:
+                if imported.split(".")[0] == "hiermem" and _layer(imported) > own:
+                    wrong.append(f"{module} imports {imported}")
     assert wrong == []
     assert _layer("hiermem.model.transformer") < _layer("hiermem.memory.bank")  # memory builds on model

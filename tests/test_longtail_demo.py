@@ -3,6 +3,7 @@ The end-to-end run (`hiermem demo --quick`) is tests/test_demo.py."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,21 @@ def test_spec_json_round_trips_for_the_eval_jobs():
     back = DemoSpec(**{k: v for k, v in stored.items() if k != "corpus"})
     assert (back.max_new_tokens, back.knn_k, list(back.overrides)) == (spec.max_new_tokens, spec.knn_k,
                                                                        list(spec.overrides))
+
+
+def test_a_finished_training_counts_as_done_under_a_relative_output_folder(tmp_path, monkeypatch):
+    """The trainer saves its config with absolute paths; the scheduler must still recognise the run as done
+    when the demo's folder was given relative to the working directory (the default runs/demo)."""
+    from hiermem.config import resolve_paths, save_config
+    from hiermem_experiments.longtail.jobs import _done
+
+    monkeypatch.chdir(tmp_path)
+    configs = job_configs(load_spec("demo-quick"), Path("runs/demo"))
+    cfg = configs["anchor"]
+    cfg.model.vocab_size = 1024  # as resolved before the trainings start
+    cfg.run_dir.mkdir(parents=True)
+    save_config(resolve_paths(cfg), cfg.run_dir / "config.yaml")  # what the trainer writes
+    (cfg.run_dir / "train_summary.json").write_text("{}")
+    assert _done("anchor", configs, Path("runs/demo"))
+    cfg.train.lr *= 2  # another setting: not done
+    assert not _done("anchor", configs, Path("runs/demo"))

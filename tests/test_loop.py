@@ -284,6 +284,16 @@ def test_refusals_name_the_problem(make, anchor_run):
     # the refused attempts left the run resumable
     resumed = Trainer(make("r", "train.max_steps=4"), resume=True, progress=False)
     assert resumed.run()["steps"] == 4
+    summary = (cfg.run_dir / "train_summary.json").read_text()
+    with pytest.raises(HiermemError, match="this run is finished"):
+        Trainer(make("r", "train.max_steps=4"), resume=True, progress=False)
+    assert (cfg.run_dir / "train_summary.json").read_text() == summary  # left as it was
+    (cfg.run_dir / "run.json").write_text('{"format": "hiermem-run", "format_version": 99}')
+    (cfg.run_dir / "train_summary.json").unlink()
+    with pytest.raises(HiermemError, match="run format version 99 is newer"):
+        Trainer(make("r", "train.max_steps=4"), resume=True, progress=False)
+    with pytest.raises(HiermemError, match="train.log_every must be positive"):
+        make("z", "train.log_every=0")
 
 
 def test_init_from_an_anchor_with_another_tokenizer_is_refused(longtail_data, anchor_run, tmp_path):

@@ -210,3 +210,18 @@ def test_leaf_packing_keeps_one_path_per_sequence(longtail_data):
     leaves = clustering.doc_paths[:, -1]
     assert set(batch["paths"][:, -1].tolist()) <= set(leaves.tolist())
     assert batch["paths"].shape[1] == clustering.tree.depth
+
+
+def test_a_relative_tokenizer_path_names_the_same_data_as_its_absolute_form(tmp_path, monkeypatch):
+    """prepare with data.tokenizer=tok.json (relative), then train with the same arguments: the trainer
+    resolves paths before it checks the data directory, so both must describe the same data."""
+    from hiermem.config import resolve_paths
+
+    corpus = tmp_path / "docs.jsonl"
+    write_corpus(corpus, n=60)
+    tok_dir = tmp_path / "first"
+    prepare(load_config("tiny", [f"data.corpus={corpus}", f"data.dir={tok_dir}", "data.vocab_size=300"]))
+    monkeypatch.chdir(tmp_path)
+    args = [f"data.corpus={corpus}", "data.dir=d", "data.tokenizer=first/tokenizer.json"]
+    data = prepare(load_config("tiny", args))
+    data.check(resolve_paths(load_config("tiny", args)))  # no "prepared with another data config"

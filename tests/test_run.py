@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from hiermem.config import load_config, read_config
 from hiermem.errors import HiermemError
@@ -65,6 +66,16 @@ def test_eval_works_from_another_directory_and_on_a_copied_run(memory_run, tmp_p
     there = evaluate_run(str(copy), router="knn", device="cpu", progress=False)
     assert there["perplexity"] == here["perplexity"]
     assert os.getcwd() == str(elsewhere)
+
+
+def test_a_run_opens_its_bank_read_only(tmp_path):
+    run_dir = tmp_path / "old"
+    shutil.copytree(FIXTURE, run_dir)
+    for mmap in (False, True):
+        run = Run(run_dir, device="cpu", overrides=[f"memory.mmap={str(mmap).lower()}"])
+        assert not run.bank.writable
+        with pytest.raises(HiermemError, match="opened read-only"):
+            run.bank.write_blocks("level0", torch.zeros(1, dtype=torch.long), run.bank.part("level0")[:1])
 
 
 def test_run_refuses_data_from_another_tokenizer(memory_run, tmp_path):

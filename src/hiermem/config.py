@@ -77,7 +77,7 @@ class MemoryConfig:
                                     choices=("sequence", "batch"))
     lr: float = setting(1e-2, "peak learning rate of the memories")
     lr_min: float = setting(1e-3, "memory learning rate at the end of the cosine schedule")
-    warmup_steps: int = setting(0, "memory learning-rate warmup steps")
+    warmup_steps: int = setting(0, "memory learning-rate warmup steps", min=0)
     weight_decay: float = setting(1e-3, "weight decay of the memories")
     mmap: bool = setting(False, "keep the bank (and its optimizer state) in memory-mapped files", inference=True)
     cache_levels: int = setting(1, "shallow tree levels copied into RAM when the bank is memory-mapped",
@@ -94,8 +94,8 @@ class RoutingConfig:
                              "the windows)", choices=("truncate", "mean_chunks"))
     depth: int = setting(2, "levels of the hierarchical k-means tree", min=1)
     branching: int = setting(16, "children per tree node", min=1)
-    kmeans_steps: int = setting(20, "k-means iterations per fit")
-    kmeans_sample: int = setting(6400, "documents sampled per k-means step")
+    kmeans_steps: int = setting(20, "k-means iterations per fit", min=1)
+    kmeans_sample: int = setting(6400, "documents sampled per k-means step", min=1)
     balance: float = setting(1.5, "a cluster may hold at most balance/branching of a step's assignments")
     router: str = setting("knn", "router at eval/generate: centroid (the paper's greedy descent) or knn (a vote "
                           "of the nearest documents)", choices=("centroid", "knn"), inference=True)
@@ -125,11 +125,11 @@ class TrainConfig:
     run_dir: str = setting("", "output run directory; '' = runs/<name>")
     batch_size: int = setting(16, "sequences per micro-batch", min=1)
     grad_accum: int = setting(1, "micro-batches per optimizer step", min=1)
-    max_steps: int = setting(0, "optimizer steps; 0 = derived from train.epochs")
+    max_steps: int = setting(0, "optimizer steps; 0 = derived from train.epochs", min=0)
     epochs: float = setting(1.0, "passes over the training sequences (when max_steps is 0)")
     lr: float = setting(2e-3, "peak learning rate of the anchor (AdamW, cosine schedule)")
     lr_min: float = setting(2e-4, "anchor learning rate at the end of the cosine schedule")
-    warmup_steps: int = setting(20, "anchor learning-rate warmup steps")
+    warmup_steps: int = setting(20, "anchor learning-rate warmup steps", min=0)
     weight_decay: float = setting(0.1, "AdamW weight decay of the anchor")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
@@ -140,8 +140,8 @@ class TrainConfig:
     dtype: str = setting("auto", "auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16",
                          choices=("auto", "fp32", "bf16"))
     threads: int = setting(0, "torch threads on CPU; 0 = torch's default")
-    log_every: int = setting(10, "optimizer steps between metrics lines")
-    ckpt_every: int = setting(0, "optimizer steps between checkpoints; 0 = only at the end")
+    log_every: int = setting(10, "optimizer steps between metrics lines", min=1)
+    ckpt_every: int = setting(0, "optimizer steps between checkpoints; 0 = only at the end", min=0)
     compile: bool = setting(False, "torch.compile each transformer block")
 
 

@@ -28,7 +28,8 @@ from hiermem.io_utils import atomic_open, atomic_save_npy, atomic_write_json
 
 def _prepare_key(cfg: Config) -> dict:
     d = cfg.data
-    return {"corpus": str(Path(d.corpus).resolve()) if d.corpus else "", "tokenizer": d.tokenizer,
+    resolved = {k: str(Path(v).resolve()) if v else "" for k, v in (("corpus", d.corpus), ("tokenizer", d.tokenizer))}
+    return {"corpus": resolved["corpus"], "tokenizer": resolved["tokenizer"],
             "vocab_size": d.vocab_size, "val_fraction": d.val_fraction, "seed": d.seed}
 
 

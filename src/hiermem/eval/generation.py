@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from hiermem.errors import HiermemError
 from hiermem.model import FetchedMemory
 from hiermem.model.transformer import KVCache, Transformer
 
@@ -35,6 +36,9 @@ def generate_ids(model: Transformer, prompts: list[list[int]], memory: FetchedMe
     """Continue each prompt (token ids). A row stops at eos (dropped) or once stop_fn(row, new_ids) is true;
     decoding ends when every row has stopped or after max_new_tokens."""
     device = next(model.parameters()).device
+    empty = [i for i, p in enumerate(prompts) if not len(p)]
+    if empty:
+        raise HiermemError(f"prompt {empty[0] + 1} of {len(prompts)} is empty (no tokens to continue)")
     B = len(prompts)
     longest = max(len(p) for p in prompts)
     limit = model.cfg.max_seq_len
@@ -51,7 +55,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], memory: FetchedMe
     pos = None
     for step in range(max_new_tokens):
         if cache is not None and step > 0:  # the cache holds everything before: feed the new token only
-            x, s, pos = ids[:, -1:], seg[:, -1:], pos[:, -1:] + 1
+            x, s, pos = ids[:, -1:], seg[:, -1:], (seg >= 0).sum(1, keepdim=True) - 1
         else:
             window = slice(max(0, ids.shape[1] - limit), None)  # keep within the RoPE/context budget
             x, s = ids[:, window], seg[:, window]

@@ -39,7 +39,7 @@ class Run:
         self.bank = self.tree = None
         if self.cfg.uses_memory:
             m = self.cfg.memory
-            self.bank = MemoryBank.load(bank_dir, mmap=m.mmap, cache_levels=m.cache_levels)
+            self.bank = MemoryBank.load(bank_dir, mmap=m.mmap, cache_levels=m.cache_levels, writable=False)
             self.bank.check_compatible(spec_from_config(self.cfg))
             self.tree = Tree.load(self.path / "tree.npz")
 

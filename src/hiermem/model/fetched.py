@@ -97,6 +97,12 @@ class FetchedMemory:
                 raise ValueError(f"FetchedMemory: part {p.name or '?'} has shape {tuple(p.weights.shape)} at "
                                  f"offset {p.offset}, outside R={self.rank}")
         self._rows = [_rows_of(p) for p in self.parts]
+        for i, (p, rp) in enumerate(zip(self.parts, self._rows)):  # a row's parts must tile, never overlap
+            for q, rq in zip(self.parts[i + 1:], self._rows[i + 1:]):
+                if p.offset < q.offset + q.rank and q.offset < p.offset + p.rank and \
+                        bool(((p.index >= 0) & (q.index >= 0)).any()):
+                    raise ValueError(f"FetchedMemory: parts {p.name or '?'} and {q.name or '?'} overlap along R "
+                                     "for some row")
 
     @classmethod
     def per_sequence(cls, weights: torch.Tensor, first_layer: int = 0) -> "FetchedMemory":

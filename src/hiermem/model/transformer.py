@@ -66,33 +66,33 @@ def document_mask(segment_ids: torch.Tensor, kind: str = "sdpa"):
 
         B, T = segment_ids.shape
         return create_block_mask(same_doc, B, None, T, T, device=segment_ids.device)
-    T = segment_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    valid = segment_ids >= 0
-    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal & valid[:, None, :]
-    mask |= torch.eye(T, dtype=torch.bool, device=segment_ids.device) & ~valid[:, :, None]
-    return mask[:, None]
+    return visible(segment_ids, segment_ids, 0)[:, None]
+
+
+def visible(seg_q: torch.Tensor, seg_k: torch.Tensor, offset: int) -> torch.Tensor:
+    """[B, Tq, Tk] bool: query i (at position offset + i of the keys) sees key j iff both belong to the same
+    document, j <= offset + i and key j is not padding; a padding query sees only itself."""
+    dev = seg_q.device
+    q_at = torch.arange(seg_q.shape[1], device=dev)[:, None] + offset
+    k_at = torch.arange(seg_k.shape[1], device=dev)[None, :]
+    same = (seg_q[:, :, None] == seg_k[:, None, :]) & (k_at <= q_at) & (seg_k >= 0)[:, None, :]
+    return same | ((k_at == q_at) & (seg_q < 0)[:, :, None])
 
 
 @dataclass
 class KVCache:
     """Keys and values of every layer while generating: a prompt is run once, then one token per step.
-    valid [B, T] marks the cached positions that are real tokens (left padding is never attended)."""
+    segments [B, T] are the cached tokens' document ids (-1 = left padding, never attended)."""
 
     keys: list = field(default_factory=list)  # per layer [B, H, T, head_dim]
     values: list = field(default_factory=list)
-    valid: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
 
     def mask(self, segment_ids: torch.Tensor) -> torch.Tensor:
-        """[B, 1, T_new, T_cached + T_new]: new tokens see every valid cached token and earlier new ones."""
-        new_valid = segment_ids >= 0
-        t_old = 0 if self.valid is None else self.valid.shape[1]
-        self.valid = new_valid if self.valid is None else torch.cat([self.valid, new_valid], 1)
-        t_new, dev = segment_ids.shape[1], segment_ids.device
-        causal = torch.ones(t_new, t_old + t_new, dtype=torch.bool, device=dev).tril(t_old)
-        itself = (torch.arange(t_new, device=dev)[:, None] + t_old) == torch.arange(t_old + t_new, device=dev)
-        # a padding query sees only itself: one finite softmax entry, as in document_mask
-        return (self.valid[:, None, None, :] & causal) | (itself & ~new_valid[:, None, :, None])
+        """[B, 1, T_new, T_cached + T_new]: the document mask of the new tokens over every cached one."""
+        t_old = 0 if self.segments is None else self.segments.shape[1]
+        self.segments = segment_ids if self.segments is None else torch.cat([self.segments, segment_ids], 1)
+        return visible(segment_ids, self.segments, t_old)[:, None]
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer == len(self.keys):

@@ -93,4 +93,10 @@ def load_state(ckpt: Path) -> dict:
     path = ckpt / "state.json"
     if not path.is_file():
         raise HiermemError(f"{ckpt}: no checkpoint to resume from (missing state.json)")
-    return json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("step", "tokens_seen", "elapsed", "sampler"):
+            state[key]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HiermemError(f"{path}: unreadable checkpoint state ({type(e).__name__}: {e})") from None
+    return state

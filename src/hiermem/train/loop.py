@@ -28,7 +28,8 @@ from hiermem.memory.bank import MemoryBank
 from hiermem.memory.spec import parameter_report, spec_from_config
 from hiermem.model.transformer import Transformer
 from hiermem.routing.clustering import load_clustering
-from hiermem.train.checkpoint import load_state, load_weights, save_torch, save_weights, write_run_format
+from hiermem.train.checkpoint import (load_state, load_weights, read_run_format, save_torch, save_weights,
+                                      write_run_format)
 from hiermem.train.step import TrainStep, anchor_optimizer, bank_optimizer
 
 
@@ -45,7 +46,11 @@ def _check_run_dir(cfg: Config, resume: bool) -> None:
     if resume:
         if not (run_dir / "checkpoint" / "state.json").is_file():
             raise HiermemError(f"{run_dir}: nothing to resume (no checkpoint/state.json)")
-        diffs = diff_fields(to_dict(read_config(saved)), to_dict(cfg))
+        read_run_format(run_dir)  # a run written by a newer hiermem is refused, not rewritten
+        if (run_dir / "train_summary.json").is_file():
+            raise HiermemError(f"{run_dir}: this run is finished (train_summary.json); nothing to resume")
+        # format 1 saved relative paths: compare both sides resolved
+        diffs = diff_fields(to_dict(resolve_paths(read_config(saved))), to_dict(cfg))
         if diffs:
             raise HiermemError(f"{saved}: this run was made by another config: {'; '.join(diffs)}")
     elif (run_dir / "checkpoint").exists() or (run_dir / "anchor.safetensors").exists():
@@ -105,6 +110,7 @@ class Trainer:
             else:
                 bank_dir = cfg.run_dir / "bank" if cfg.memory.mmap else None
                 self.bank = MemoryBank.create(spec, seed=t.seed, dir=bank_dir)
+            self._place_bank()
             self.bank_opt = bank_optimizer(self.bank, cfg)
 
         self.steps = total_steps(cfg, len(self.dataset))
@@ -119,6 +125,12 @@ class Trainer:
         shutil.copyfile(self.data.path / "tokenizer.json", cfg.run_dir / "tokenizer.json")
         if cfg.uses_memory:
             self.clustering.tree.save(cfg.run_dir / "tree.npz")
+
+    def _place_bank(self) -> None:
+        """On CUDA an in-RAM bank (and so its optimizer state) moves to the GPU: fetch is then a device gather
+        and the lazy AdamW runs there. A memory-mapped bank stays in host memory, its blocks copied per step."""
+        if self.device.type == "cuda" and not any(self.bank.is_mapped(k) for k in self.bank.parts()):
+            self.bank.to(self.device)
 
     def advance(self, indices) -> dict:
         """One step on the sequences `indices` of the training set; returns TrainStep's tensors plus the
@@ -158,6 +170,7 @@ class Trainer:
                 self.bank = MemoryBank.load(work, mmap=True, cache_levels=m.cache_levels)
             else:
                 self.bank = MemoryBank.load(ckpt / "bank", mmap=False)
+                self._place_bank()
             self.bank.check_compatible(spec_from_config(self.cfg))
             self.bank_opt = bank_optimizer(self.bank, self.cfg)
             self.bank_opt.load(ckpt / "bank")

@@ -97,6 +97,7 @@ class TrainStep:
                                      dev["segment_ids"][sl], memory)
             # weight each micro-batch by its share of the batch's target tokens: equals one big batch's mean
             share = (dev["targets"][sl] != -100).sum() / n_valid
+            loss = torch.nan_to_num(loss, nan=0.0)  # a micro-batch without targets: mean of nothing, share 0
             (loss * share).backward()
             loss_sum += loss.detach() * share
 
@@ -117,7 +118,7 @@ class TrainStep:
                 group["lr"] = lr
             self.anchor_opt.step()
             self.anchor_opt.zero_grad(set_to_none=True)
-        out.update(loss=loss_sum, grad_norm=norm, tokens=n_valid)
+        out.update(loss=loss_sum, grad_norm=norm)
         if bg is not None:
             lr_mem = warmup_cosine(step, self.total_steps, m.lr, m.lr_min, m.warmup_steps)
             out.update(lr_memory=lr_mem, blocks_updated=self.bank_opt.step(bg, lr_mem),

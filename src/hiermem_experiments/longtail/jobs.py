@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import yaml
 from tqdm import tqdm
 
-from hiermem.config import Config, read_config, save_config, to_dict
+from hiermem.config import Config, read_config, resolve_paths, save_config, to_dict
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_write_json
 
@@ -82,7 +82,8 @@ def _done(name: str, configs: dict[str, Config], out: Path) -> bool:
     cfg = configs[name]
     if not (cfg.run_dir / "train_summary.json").is_file():
         return False
-    return yaml.safe_load((cfg.run_dir / "config.yaml").read_text()) == to_dict(cfg)
+    # the trainer saves its config with absolute paths: compare like with like
+    return yaml.safe_load((cfg.run_dir / "config.yaml").read_text()) == to_dict(resolve_paths(cfg))
 
 
 def _progress(name: str, configs: dict[str, Config]) -> float:
