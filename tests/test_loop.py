@@ -342,3 +342,20 @@ def test_generic_draw_off():
     for cfg in (gcfg("memory.generic=false"), gcfg("memory.generic_prob=0.0"),
                 gcfg("memory.generic_prob=0.0", "memory.generic_sampling=batch")):
         assert not any(generic_draw(cfg, s, 32).any() for s in range(50))
+
+
+def test_resume_accepts_a_config_saved_with_relative_paths(longtail_data, tmp_path, monkeypatch):
+    """hiermem 0.1.0 saved config.yaml as given (relative paths); a resume compares both sides resolved."""
+    from hiermem.config import resolve_paths, save_config, to_dict
+    from hiermem.train.loop import _check_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    args = [*longtail_data, "train.run_dir=rel", "train.max_steps=4"]
+    relative = load_config("tiny", args)
+    (tmp_path / "rel" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "rel" / "checkpoint" / "state.json").write_text("{}")
+    save_config(relative, tmp_path / "rel" / "config.yaml")  # as the previous release wrote it
+    assert to_dict(relative) != to_dict(resolve_paths(relative))
+    _check_run_dir(resolve_paths(relative), resume=True)  # no "made by another config"
+    with pytest.raises(HiermemError, match=r"another config: train\.max_steps \(4 vs 5\)"):
+        _check_run_dir(resolve_paths(load_config("tiny", [*args, "train.max_steps=5"])), resume=True)
