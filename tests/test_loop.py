@@ -359,3 +359,15 @@ def test_resume_accepts_a_config_saved_with_relative_paths(longtail_data, tmp_pa
     _check_run_dir(resolve_paths(relative), resume=True)  # no "made by another config"
     with pytest.raises(HiermemError, match=r"another config: train\.max_steps \(4 vs 5\)"):
         _check_run_dir(resolve_paths(load_config("tiny", [*args, "train.max_steps=5"])), resume=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_run_keeps_an_in_ram_bank_on_the_gpu_and_saves_it(make):
+    cfg = make("cuda", "train.mode=scratch", "train.max_steps=3", "train.device=cuda")
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.bank.device.type == "cuda" and trainer.bank_opt.m["level1"].device.type == "cuda"
+    trainer.run()
+    saved = MemoryBank.load(cfg.run_dir / "bank", mmap=False)
+    for k in saved.parts():
+        assert torch.equal(saved.part(k), trainer.bank.part(k).cpu()), k
