@@ -222,3 +222,14 @@ def test_params_of_a_cotrain_preset_without_a_run(capsys):
     out = ok(capsys, "params", "-c", "paper-160m")  # the preset's header comment gives these counts
     report = {k.strip(): int(v.replace(",", "")) for k, v in (line.split(":") for line in out.splitlines())}
     assert (report["anchor"], report["fetched"], report["bank"]) == (163_510_016, 18_063_360, 4_624_220_160)
+
+
+def test_resuming_a_run_killed_after_its_last_checkpoint_reports_no_step_left(longtail_data, tmp_path, capsys):
+    """A crash between the final checkpoint and train_summary.json: --resume has no step left to run; it
+    writes the summary and prints '-' for the loss instead of failing on a missing number."""
+    args = ["train", "-c", "tiny", *longtail_data, "train.max_steps=2", f"train.run_dir={tmp_path / 'r'}", "--quiet"]
+    ok(capsys, *args)
+    (tmp_path / "r" / "train_summary.json").unlink()
+    out = ok(capsys, *args, "--resume")
+    assert "2 steps" in out and "final loss -;" in out
+    assert json.loads((tmp_path / "r" / "train_summary.json").read_text())["steps"] == 2

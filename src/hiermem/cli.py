@@ -82,8 +82,9 @@ def cmd_train(args) -> None:
     acct = f"anchor {p['anchor']:,}"
     if "bank" in p:
         acct += f" / fetched {p['fetched']:,} / bank {p['bank']:,}"
+    loss = summary["final_loss"]  # None when there was no step left to run
     print(f"trained {cfg.run_dir}: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
-          f"{summary['elapsed_s']:.1f}s, final loss {summary['final_loss']:.4f}; parameters: {acct}")
+          f"{summary['elapsed_s']:.1f}s, final loss {'-' if loss is None else f'{loss:.4f}'}; parameters: {acct}")
 
 
 def cmd_eval(args) -> None:

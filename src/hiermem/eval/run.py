@@ -36,7 +36,7 @@ class Run:
         if not weights.is_file():  # an unfinished run: its last checkpoint, anchor and bank of the same step
             weights, bank_dir = self.path / "checkpoint" / "model.safetensors", self.path / "checkpoint" / "bank"
         load_weights(self.model, weights)
-        self.bank = self.tree = None
+        self.bank = self.tree = self._data = None
         if self.cfg.uses_memory:
             m = self.cfg.memory
             self.bank = MemoryBank.load(bank_dir, mmap=m.mmap, cache_levels=m.cache_levels, writable=False)
@@ -44,11 +44,13 @@ class Run:
             self.tree = Tree.load(self.path / "tree.npz")
 
     def data(self) -> DataDir:
-        """The run's data directory, refused if tokenised with another tokenizer than the run's."""
-        data = DataDir(self.cfg.data_dir)
-        if data.meta["tokenizer_fingerprint"] != self.tokenizer.fingerprint():
-            raise HiermemError(f"{data.path}: tokenised with another tokenizer than the run {self.path}")
-        return data
+        """The run's data directory (opened once), refused if tokenised with another tokenizer than the run's."""
+        if self._data is None:
+            data = DataDir(self.cfg.data_dir)
+            if data.meta["tokenizer_fingerprint"] != self.tokenizer.fingerprint():
+                raise HiermemError(f"{data.path}: tokenised with another tokenizer than the run {self.path}")
+            self._data = data
+        return self._data
 
     def clustering(self) -> Clustering:
         data = self.data()
