@@ -8,7 +8,7 @@ from hiermem.cli import main
 
 pytestmark = pytest.mark.slow  # `make test` runs these too; `-m "not slow"` leaves them out
 
-REQUIRED_ROWS = {"anchor", "anchor_staged", "generic", "fetched_centroid", "fetched_knn", "fetched_oracle",
+REQUIRED_ROWS = {"anchor", "generic", "fetched_centroid", "fetched_knn", "fetched_oracle",
                  "memory_off", "dense2x"}
 
 

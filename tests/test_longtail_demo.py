@@ -12,12 +12,14 @@ from hiermem.errors import HiermemError
 from hiermem_experiments.longtail.corpus import LongTailConfig
 from hiermem_experiments.longtail.demo import (DEFAULT_PRESET, PRESET_DIR, ROWS, DemoSpec, default_out, job_configs,
                                                load_spec)
-from hiermem_experiments.longtail.jobs import DEPENDS, EVALS, TRAININGS, job_costs
+from hiermem_experiments.longtail.jobs import depends, evals, job_costs, trainings
 
-# What each preset was before presets became YAML files (the former default_spec(), values verbatim).
+# What each preset holds (the former default_spec(), values verbatim; demo-cpu became 2 epochs without the
+# anchor_staged control to fit the 10-minute budget, and demo-full keeps the former 3-epoch default).
 _GPU = ("train.device=auto", "routing.max_tokens=16", "data.val_fraction=0.0")
 FORMER = {
     "demo-cpu": DemoSpec(),
+    "demo-full": DemoSpec(epochs=3, staged_control=True),
     "demo-quick": DemoSpec(corpus=LongTailConfig(n_entities=300, n_unseen=40, head_mentions=60, n_background=250,
                                                  n_heldout_background=40, n_heldout_facts=60),
                            overrides=("routing.branching=8", "data.vocab_size=1024"), epochs=4, phase1_epochs=2),
@@ -32,11 +34,11 @@ FORMER = {
         epochs=4, phase1_epochs=2, lr=1e-3, phase2_lr=1e-3, memory_lr=1e-3, memory_lr_min=1e-4,
         dense=("model.d_model=768", "model.n_heads=16", "model.head_dim=48", "model.d_ff=3072")),
 }
-# the former default (cpu) preset, field by field: the YAML must not drift from it
-FORMER_CPU = {"preset": "small", "overrides": (), "user_overrides": (), "epochs": 3, "phase1_epochs": 1,
+# the default (cpu) preset, field by field: the YAML must not drift from it
+FORMER_CPU = {"preset": "small", "overrides": (), "user_overrides": (), "epochs": 2, "phase1_epochs": 1,
               "lr": 2e-3, "phase2_lr": 2e-3, "memory_lr": 1e-2, "memory_lr_min": 1e-3,
               "dense": ("model.d_model=192", "model.n_heads=6", "model.d_ff=512"), "knn_k": 10, "max_new_tokens": 10,
-              "corpus": {"seed": 0, "n_entities": 2000, "n_unseen": 250, "head_mentions": 200, "zipf_exponent": 0.606,
+              "staged_control": False, "corpus": {"seed": 0, "n_entities": 2000, "n_unseen": 250, "head_mentions": 200, "zipf_exponent": 0.606,
                          "min_mentions": 2, "n_background": 1500, "background_words": 55, "distractor_prob": 0.3,
                          "reversed_prob": 0.1, "other_fact_prob": 0.15, "min_population": 15000,
                          "max_per_country": 16, "n_heldout_background": 200, "n_heldout_facts": 300}}
@@ -60,7 +62,7 @@ def test_demo_presets_do_not_share_names_with_training_presets():
 
 
 def test_default_output_folders():
-    assert [str(default_out(n)) for n in FORMER] == ["runs/demo", "runs/demo-quick", "runs/demo-gpu", "runs/demo-160m"]
+    assert [str(default_out(n)) for n in FORMER] == ["runs/demo", "runs/demo-full", "runs/demo-quick", "runs/demo-gpu", "runs/demo-160m"]
 
 
 def _yaml(tmp_path, text, name="mine.yaml"):
@@ -100,24 +102,29 @@ def test_a_partial_preset_keeps_the_defaults_and_coerces_numbers(tmp_path):
 
 
 def test_unknown_and_old_preset_names(capsys):
-    with pytest.raises(HiermemError, match="unknown preset 'cpu' .*demo-160m, demo-cpu, demo-gpu, demo-quick"):
+    with pytest.raises(HiermemError, match="unknown preset 'cpu' .*demo-160m, demo-cpu, demo-full, demo-gpu, demo-quick"):
         load_spec("cpu")
     assert main(["demo", "--quick", "--preset", "demo-gpu"]) == 2
     assert "--quick" in capsys.readouterr().err
 
 
-def test_job_graph_is_consistent(tmp_path):
-    spec = load_spec("demo-quick")
+@pytest.mark.parametrize("staged", [False, True])
+def test_job_graph_is_consistent(tmp_path, staged):
+    spec = dataclasses.replace(load_spec("demo-quick"), staged_control=staged)
     configs = job_configs(spec, tmp_path)
-    assert set(job_costs(spec)) == set(DEPENDS) and set(configs) == set(TRAININGS)
-    assert set(EVALS.values()) <= set(configs) and all(set(d) <= set(DEPENDS) for d in DEPENDS.values())
-    assert {run for run, _, _ in ROWS.values()} <= set(configs)
+    graph = depends(spec)
+    assert set(job_costs(spec)) == set(graph) and set(configs) == set(trainings(spec))
+    assert ("anchor_staged" in configs) == staged and ("eval_anchor_staged" in graph) == staged
+    assert set(evals(spec).values()) == set(configs) - {"phase1"}
+    assert all(set(d) <= set(graph) for d in graph.values())
+    assert {run for run, _, _ in ROWS.values()} - {"anchor_staged"} <= set(configs)
     assert configs["memory"].train.init_from == str(configs["phase1"].run_dir)
-    assert configs["anchor_staged"].train.init_from == str(configs["phase1"].run_dir)
     # every model sees the same number of epochs over the same corpus
     total = configs["anchor"].train.epochs
     assert configs["phase1"].train.epochs + configs["memory"].train.epochs == total
-    assert configs["phase1"].train.epochs + configs["anchor_staged"].train.epochs == total
+    if staged:
+        assert configs["anchor_staged"].train.init_from == str(configs["phase1"].run_dir)
+        assert configs["phase1"].train.epochs + configs["anchor_staged"].train.epochs == total
     assert configs["dense2x"].train.epochs == total
     assert configs["dense2x"].model.d_model > configs["anchor"].model.d_model
     assert all(c.routing.branching == 8 and c.data.vocab_size == 1024 for c in configs.values())

@@ -2,7 +2,7 @@
 
 Every model sees the same documents for the same number of epochs:
   anchor         the anchor alone, one cosine schedule over all epochs (the strong baseline)
-  anchor_staged  the anchor alone with the memory run's schedule: phase 1, then phase 2 at the phase-2 LR
+  anchor_staged  (with staged_control) the anchor alone with the memory run's schedule: phase 1, then phase 2
   memory run     phase 1 (shared with anchor_staged), then anchor + hierarchical memory co-trained (phase 2);
                  evaluated as fetched_{centroid,knn,oracle}, generic (the generic block), memory_off
   dense2x        a dense model with about twice the anchor's parameters, one cosine schedule
@@ -10,7 +10,7 @@ Probes: "<city> has a population of about" -> the population as written in train
 by how often the city was mentioned in training; the country probe is reported next to its leaf prior.
 
 The set-up follows the prototype of docs/method.md §9. Presets are YAML files in ``presets/`` (demo-cpu, the
-default; demo-quick; demo-gpu; demo-160m), or any YAML path: the DemoSpec fields plus a ``corpus:`` mapping of
+default; demo-full; demo-quick; demo-gpu; demo-160m), or any YAML path: the DemoSpec fields plus a ``corpus:`` mapping of
 LongTailConfig fields; a key left out keeps the dataclass default. Stages are cached in the output folder;
 independent trainings run in parallel processes (one thread each, see ``jobs.py``).
 """
@@ -33,7 +33,7 @@ from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_write_json, atomic_write_text
 from hiermem_experiments.longtail.buckets import bucket_of, leaf_prior
 from hiermem_experiments.longtail.corpus import LongTailConfig, build_corpus, load_corpus, write_corpus
-from hiermem_experiments.longtail.jobs import EVALS, run_jobs
+from hiermem_experiments.longtail.jobs import evals, run_jobs
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "demo-cpu"
@@ -45,7 +45,7 @@ class DemoSpec:
     preset: str = "small"
     overrides: tuple[str, ...] = ()  # the preset's, applied before each job's own settings
     user_overrides: tuple[str, ...] = ()  # `hiermem demo ... key=value`: applied last, so they win
-    epochs: int = 3  # every model sees every document this many times (whole epochs: equal exposure)
+    epochs: int = 2  # every model sees every document this many times (whole epochs: equal exposure)
     phase1_epochs: int = 1  # the memory run (and anchor_staged): phase 1 anchor only, then phase 2
     lr: float = 2e-3  # anchor peak LR (one cosine) and phase 1
     phase2_lr: float = 2e-3  # anchor LR in phase 2 (both runs): the cosine restarts at the same peak
@@ -54,6 +54,7 @@ class DemoSpec:
     dense: tuple[str, ...] = ("model.d_model=192", "model.n_heads=6", "model.d_ff=512")
     knn_k: int = 10
     max_new_tokens: int = 10
+    staged_control: bool = False  # also train anchor_staged (the memory run's schedule, no memory): phase 2 again
 
 
 def load_spec(preset: str = DEFAULT_PRESET) -> DemoSpec:
@@ -95,7 +96,7 @@ def job_configs(spec: DemoSpec, out: Path) -> dict[str, Config]:
     lr = f"train.lr={spec.lr}"
     p2 = [f"train.epochs={phase2}", f"train.lr={spec.phase2_lr}", f"train.lr_min={spec.phase2_lr / 10}",
           "train.warmup_steps=0", f"train.init_from={runs / 'phase1'}"]
-    return {
+    configs = {
         "anchor": cfg("anchor", f"train.epochs={spec.epochs}", lr),
         "phase1": cfg("phase1", f"train.epochs={spec.phase1_epochs}", lr),
         "anchor_staged": cfg("anchor_staged", *p2),
@@ -103,6 +104,9 @@ def job_configs(spec: DemoSpec, out: Path) -> dict[str, Config]:
                       f"memory.lr_min={spec.memory_lr_min}"),
         "dense2x": cfg("dense2x", f"train.epochs={spec.epochs}", lr, *spec.dense),
     }
+    if not spec.staged_control:
+        del configs["anchor_staged"]
+    return configs
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -263,6 +267,9 @@ def format_report(report: dict) -> str:
                  f"dense2x {p['dense2x']:,}")
     lines.append(f"wall time {report['wall_time_s']:.0f}s; per job (s, 0 = cached): "
                  + ", ".join(f"{k} {v:.0f}" for k, v in report["job_wall_s"].items()))
+    if "job_cpu_s" in report:  # reports written before CPU accounting lack it
+        lines.append(f"CPU time {sum(report['job_cpu_s'].values()):.0f}s; per job (s): "
+                     + ", ".join(f"{k} {v:.0f}" for k, v in report["job_cpu_s"].items()))
     return "\n".join(lines)
 
 
@@ -287,27 +294,29 @@ def run_demo(preset: str = DEFAULT_PRESET, out: str | None = None, jobs: int = 2
     tok = prepare(configs["anchor"]).tokenizer()
     for cfg in configs.values():  # resolve model.vocab_size now, so cached runs compare equal to their configs
         resolve_vocab(cfg, tok)
-    wall = run_jobs(configs, out, spec, jobs, progress)
-    evals = {n: json.loads((out / "eval" / f"{n}.json").read_text()) for n in EVALS.values()}
-    models = {row: evals[ROWS[row][0]]["rows"][row] for row in ROWS}
+    wall, cpu = run_jobs(configs, out, spec, jobs, progress)
+    results = {n: json.loads((out / "eval" / f"{n}.json").read_text()) for n in evals(spec).values()}
+    models = {row: results[run]["rows"][row] for row, (run, _, _) in ROWS.items() if run in results}
     summaries = {n: json.loads((c.run_dir / "train_summary.json").read_text()) for n, c in configs.items()}
     params = parameter_report(configs["memory"])
     params["dense2x"] = parameter_report(configs["dense2x"])["anchor"]
     counts = Counter(e["bucket"] for e in corpus.entities if e["kind"] == "city")
     report = {
         "buckets": corpus.buckets, "bucket_entities": [counts[b] for b in corpus.buckets],
-        "models": models, "routing_agreement": evals["memory"]["routing_agreement"],
-        "country_leaf_prior": evals["memory"]["country_leaf_prior"], "parameters": params,
+        "models": models, "routing_agreement": results["memory"]["routing_agreement"],
+        "country_leaf_prior": results["memory"]["country_leaf_prior"], "parameters": params,
         "tokens": {n: s["tokens_seen"] for n, s in summaries.items()},
         "train_time_s": {n: s["elapsed_s"] for n, s in summaries.items()},
         "job_wall_s": {n: round(v, 1) for n, v in wall.items()},
+        "job_cpu_s": {n: round(v, 1) for n, v in cpu.items()},
         "wall_time_s": round(time.perf_counter() - t0, 1),
         "spec": json.loads(json.dumps(dataclasses.asdict(spec), default=list)), "quick": quick,
         "notes": ["staged models: tokens = phase1 + phase2 (phase1 is shared by anchor_staged and the memory run)",
                   "cached stages are not retrained; job_wall_s is 0 for them"],
     }
-    report["tokens"]["anchor_staged"] += report["tokens"]["phase1"]
-    report["tokens"]["memory"] += report["tokens"]["phase1"]
+    for staged in ("anchor_staged", "memory"):
+        if staged in report["tokens"]:
+            report["tokens"][staged] += report["tokens"]["phase1"]
     atomic_write_json(out / "report.json", report)
     plot(report, out / "accuracy_by_bucket.png")
     text = format_report(report)

@@ -27,18 +27,30 @@ from hiermem.io_utils import atomic_write_json
 if TYPE_CHECKING:
     from hiermem_experiments.longtail.demo import DemoSpec
 
-TRAININGS = ("anchor", "phase1", "anchor_staged", "memory", "dense2x")
-EVALS = {f"eval_{n}": n for n in ("anchor", "anchor_staged", "memory", "dense2x")}
-DEPENDS = {"anchor": [], "phase1": [], "cluster": [], "dense2x": [], "anchor_staged": ["phase1"],
-           "memory": ["phase1", "cluster"], **{e: [n] for e, n in EVALS.items()}}
+def trainings(spec: DemoSpec) -> tuple[str, ...]:
+    """The spec's trainings: anchor_staged (a control costing two anchor epochs) only when it asks for it."""
+    return ("anchor", "phase1", *(("anchor_staged",) if spec.staged_control else ()), "memory", "dense2x")
+
+
+def evals(spec: DemoSpec) -> dict[str, str]:
+    """Evaluation job -> the training it evaluates (phase1 is a stage, not a model of the report)."""
+    return {f"eval_{n}": n for n in trainings(spec) if n != "phase1"}
+
+
+def depends(spec: DemoSpec) -> dict[str, list[str]]:
+    """Every job of the spec -> the jobs it waits for."""
+    after = {"memory": ["phase1", "cluster"], "anchor_staged": ["phase1"]}
+    return {"cluster": [], **{n: after.get(n, []) for n in trainings(spec)}, **{e: [n] for e, n in evals(spec).items()}}
 
 
 def job_costs(spec: DemoSpec) -> dict[str, float]:
-    """Relative cost of each job (1 = one anchor epoch) for scheduling and the progress bar."""
+    """Relative CPU cost of each job (1 = one anchor epoch, measured: docs/results/demo_report.json job_cpu_s),
+    for scheduling and the progress bar."""
     p2 = spec.epochs - spec.phase1_epochs
-    return {"cluster": 1.0, "anchor": spec.epochs, "phase1": spec.phase1_epochs, "anchor_staged": p2,
-            "memory": 1.25 * p2, "dense2x": 2.2 * spec.epochs, "eval_anchor": 0.3, "eval_anchor_staged": 0.3,
-            "eval_dense2x": 0.5, "eval_memory": 1.5}
+    cost = {"cluster": 0.8, "anchor": spec.epochs, "phase1": spec.phase1_epochs, "anchor_staged": p2,
+            "memory": 1.15 * p2, "dense2x": 1.5 * spec.epochs, "eval_anchor": 0.15, "eval_anchor_staged": 0.15,
+            "eval_dense2x": 0.2, "eval_memory": 0.85}
+    return {n: cost[n] for n in depends(spec)}
 
 
 def _job_main(name: str, out: str) -> None:
@@ -47,20 +59,21 @@ def _job_main(name: str, out: str) -> None:
 
     torch.set_num_threads(1)
     out_path = Path(out)
-    configs = {n: read_config(out_path / "configs" / f"{n}.yaml") for n in TRAININGS}
+    spec_fields = json.loads((out_path / "spec.json").read_text())
+    configs = {p.stem: read_config(p) for p in sorted((out_path / "configs").glob("*.yaml"))}
     if name == "cluster":
         from hiermem.data.prepare import DataDir
         from hiermem.routing.clustering import ensure_clustered
 
         ensure_clustered(configs["memory"], DataDir(configs["memory"].data_dir), progress=False)
-    elif name in EVALS:
+    elif name.startswith("eval_"):
         from hiermem_experiments.longtail.demo import DemoSpec, evaluate_job
 
-        spec = DemoSpec(**{k: v for k, v in json.loads((out_path / "spec.json").read_text()).items()
-                           if k != "corpus"})
-        result = evaluate_job(EVALS[name], configs, out_path, spec)
-        result["run_config"] = to_dict(configs[EVALS[name]])
-        atomic_write_json(out_path / "eval" / f"{EVALS[name]}.json", result)
+        spec = DemoSpec(**{k: v for k, v in spec_fields.items() if k != "corpus"})
+        run = name.removeprefix("eval_")
+        result = evaluate_job(run, configs, out_path, spec)
+        result["run_config"] = to_dict(configs[run])
+        atomic_write_json(out_path / "eval" / f"{run}.json", result)
     else:
         from hiermem.train.loop import train
 
@@ -74,11 +87,12 @@ def _done(name: str, configs: dict[str, Config], out: Path) -> bool:
 
         cfg = configs["memory"]
         return load_clustering(DataDir(cfg.data_dir), cfg, required=False) is not None
-    if name in EVALS:
-        path = out / "eval" / f"{EVALS[name]}.json"
-        summary = configs[EVALS[name]].run_dir / "train_summary.json"
+    if name.startswith("eval_"):
+        run = name.removeprefix("eval_")
+        path = out / "eval" / f"{run}.json"
+        summary = configs[run].run_dir / "train_summary.json"
         return (path.is_file() and summary.is_file() and path.stat().st_mtime >= summary.stat().st_mtime
-                and json.loads(path.read_text()).get("run_config") == to_dict(configs[EVALS[name]]))
+                and json.loads(path.read_text()).get("run_config") == to_dict(configs[run]))
     cfg = configs[name]
     if not (cfg.run_dir / "train_summary.json").is_file():
         return False
@@ -98,25 +112,41 @@ def _progress(name: str, configs: dict[str, Config]) -> float:
     return min(1.0, last["step"] / max(1, last.get("total_steps", last["step"])))
 
 
-def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int, progress: bool) -> dict[str, float]:
+def _reap(proc: subprocess.Popen) -> float | None:
+    """CPU seconds (user + system) of a finished child, None while it runs; sets its returncode."""
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int,
+             progress: bool) -> tuple[dict[str, float], dict[str, float]]:
     """Run clustering, trainings and evaluations as subprocesses, dependencies first, critical path first.
-    A training whose run directory is stale (another config) is retrained from scratch."""
+    A training whose run directory is stale (another config) is retrained from scratch.
+    Returns each job's wall seconds and CPU seconds (0 for cached jobs)."""
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    for old in (out / "configs").glob("*.yaml"):  # a training the spec no longer has (e.g. anchor_staged)
+        if old.stem not in configs:
+            old.unlink()
     for name, cfg in configs.items():
         save_config(cfg, out / "configs" / f"{name}.yaml")
     spec_dict = dataclasses.asdict(spec)
     atomic_write_json(out / "spec.json", json.loads(json.dumps(spec_dict, default=list)))
-    cost = job_costs(spec)
-    names = list(DEPENDS)
+    cost, graph = job_costs(spec), depends(spec)
+    names = list(graph)
     done = {n for n in names if _done(n, configs, out)}
-    for n in TRAININGS:
+    for n in trainings(spec):
         if n not in done and configs[n].run_dir.exists():
             shutil.rmtree(configs[n].run_dir)  # stale or interrupted: start it again
     wall = {n: 0.0 for n in done}
+    cpu = dict(wall)
 
     def chain(n: str) -> float:  # longest remaining path from n: schedule the critical path first
-        return cost[n] + max((chain(m) for m in names if n in DEPENDS[m]), default=0.0)
+        return cost[n] + max((chain(m) for m in names if n in graph[m]), default=0.0)
 
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     bar = tqdm(total=round(sum(cost.values()), 1), desc="demo jobs", unit="unit", disable=not progress,
@@ -124,7 +154,7 @@ def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int, p
                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} [{elapsed}<{remaining}] {postfix}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     while len(done) < len(names):
-        ready = [n for n in names if n not in done and n not in running and all(d in done for d in DEPENDS[n])]
+        ready = [n for n in names if n not in done and n not in running and all(d in done for d in graph[n])]
         ready.sort(key=chain, reverse=True)
         while ready and len(running) < jobs:
             n = ready.pop(0)
@@ -134,7 +164,8 @@ def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int, p
                                                env=env), time.perf_counter())
         time.sleep(0.5)
         for n, (proc, t0) in list(running.items()):
-            if proc.poll() is None:
+            used = _reap(proc)
+            if used is None:
                 continue
             del running[n]
             if proc.returncode != 0:
@@ -143,9 +174,9 @@ def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int, p
                 lines = (logs / f"{n}.log").read_text().strip().splitlines() or ["(no output)"]
                 raise HiermemError(f"demo job {n} failed (log: {logs / (n + '.log')}): {lines[-1]}")
             done.add(n)
-            wall[n] = time.perf_counter() - t0
+            wall[n], cpu[n] = time.perf_counter() - t0, used
         bar.n = round(sum(cost[n] for n in done) + sum(cost[n] * _progress(n, configs) for n in running), 1)
         bar.set_postfix_str("running: " + ", ".join(running) if running else "")
         bar.refresh()
     bar.close()
-    return wall
+    return wall, cpu
