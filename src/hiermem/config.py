@@ -96,7 +96,14 @@ class RoutingConfig:
     branching: int = setting(16, "children per tree node", min=1)
     kmeans_steps: int = setting(20, "k-means iterations per fit", min=1)
     kmeans_sample: int = setting(6400, "documents sampled per k-means step", min=1)
-    balance: float = setting(1.5, "a cluster may hold at most balance/branching of a step's assignments")
+    balance: float = setting(1.5, "a cluster may hold at most balance/branching of a k-means step's assignments "
+                             "(binds while fitting; final sizes on the whole corpus may exceed it)")
+    fit_docs: int = setting(1_000_000, "training documents (a seeded random sample) the tree is fitted on; every "
+                            "document is then routed down it", min=1)
+    chunk_docs: int = setting(16384, "documents `hiermem cluster` embeds, saves and routes at a time (an "
+                              "interrupted embedding resumes at a chunk)", min=1)
+    embed_batch: int = setting(512, "texts per encoder batch on CUDA, where MiniLM runs fp16 (train.device "
+                               "picks it; the CPU encodes 64 at a time in fp32)", min=1)
     router: str = setting("knn", "router at eval/generate: centroid (the paper's greedy descent) or knn (a vote "
                           "of the nearest documents)", choices=("centroid", "knn"), inference=True)
     knn_k: int = setting(10, "neighbours the knn router votes over", min=1, inference=True)

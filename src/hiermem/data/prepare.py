@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -72,7 +73,34 @@ class DataDir:
             return [Document(**json.loads(line)) for line in f]
 
     def texts(self) -> list[str]:
+        """Every text in RAM: for small data and tests; stages that must scale use iter_texts."""
         return [d.text for d in self.documents()]
+
+    def iter_texts(self, batch_size: int = 1024) -> Iterator[list[str]]:
+        """The documents' texts in document order, batch_size at a time (bounded memory)."""
+        batch: list[str] = []
+        with open(self.path / "documents.jsonl", encoding="utf-8") as f:
+            for line in f:
+                batch.append(json.loads(line)["text"])
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    def texts_at(self, indices) -> list[str]:
+        """The texts of the documents `indices` (any order), without holding the corpus in RAM."""
+        want = {int(i) for i in indices}
+        found: dict[int, str] = {}
+        for b, batch in enumerate(self.iter_texts()):
+            for j, t in enumerate(batch):
+                if b * 1024 + j in want:
+                    found[b * 1024 + j] = t
+        return [found[int(i)] for i in indices]
+
+    def fingerprint(self) -> str:
+        """Identifies this prepared corpus (its metadata, which names the corpus and the tokenizer)."""
+        return hashlib.sha256((self.path / "prepare.json").read_bytes()).hexdigest()
 
     @property
     def n_docs(self) -> int:

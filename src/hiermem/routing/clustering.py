@@ -3,6 +3,20 @@
 Writes <data dir>/cluster/{tree.npz, doc_paths.npy, cluster.json} (embeddings are cached under
 <data dir>/embeddings/) and reports cluster sizes per level and routing agreement for both routers:
 how often the head of a document (its first `head_words` words) routes to the document's own leaf.
+
+It streams, so its memory does not grow with the corpus (beyond DataDir.is_val's byte per document):
+* texts are embedded `routing.chunk_docs` at a time into a memory-mapped .npy, the file the knn router
+  reads (resumable; `embed_corpus`);
+* the tree is fitted on at most `routing.fit_docs` training documents: all of them when there are no more
+  (then the tree and the paths are exactly those of a fit on the whole training split), else a seeded
+  uniform sample (`fit_sample`);
+* every document is then routed down the tree `chunk_docs` at a time into a memory-mapped doc_paths.npy,
+  by the plain nearest-centroid descent that the router also uses at inference. So the balance rule
+  (routing.balance: a cluster may hold at most balance/branching of one k-means step's assignments) binds
+  while fitting on the sample only; the final cluster sizes on the whole corpus, which the report shows,
+  may exceed that cap;
+* the agreement report's knn router votes among at most AGREEMENT_INDEX_DOCS documents of the fit sample
+  (the queries' own documents among them), and the queries' texts are read with `texts_at`.
 """
 
 from __future__ import annotations
@@ -16,10 +30,13 @@ import numpy as np
 from hiermem.config import Config, diff_fields
 from hiermem.errors import HiermemError
 from hiermem.data.prepare import DataDir
-from hiermem.io_utils import atomic_save_npy, atomic_write_json
-from hiermem.routing.embedders import corpus_key, embed_cached, make_embedder
+from hiermem.io_utils import atomic_path, atomic_write_json
+from hiermem.routing.embedders import embed_corpus, make_embedder
 from hiermem.routing.routers import make_router, routing_agreement
 from hiermem.routing.tree import Tree, cluster_sizes, fit_tree
+
+AGREEMENT_QUERIES = 500  # document heads routed for the agreement report
+AGREEMENT_INDEX_DOCS = 50_000  # training documents the report's knn router votes among (its index is in RAM)
 
 
 def routing_key(cfg: Config) -> dict:
@@ -27,7 +44,8 @@ def routing_key(cfg: Config) -> dict:
     r = cfg.routing
     return {"encoder": r.encoder, "max_tokens": r.max_tokens, "long_docs": r.long_docs, "depth": r.depth,
             "branching": r.branching, "kmeans_steps": r.kmeans_steps, "kmeans_sample": r.kmeans_sample,
-            "balance": r.balance, "seed": r.seed}
+            "balance": r.balance, "seed": r.seed, "fit_docs": r.fit_docs, "chunk_docs": r.chunk_docs,
+            "embed_batch": r.embed_batch}
 
 
 @dataclass
@@ -60,45 +78,92 @@ def load_clustering(data: DataDir, cfg: Config, required: bool) -> Clustering | 
 
 
 def embedder_for(cfg: Config):
+    """The routing encoder, on train.device (auto = CUDA when present: MiniLM in fp16, routing.embed_batch a batch)."""
     r = cfg.routing
-    return make_embedder(r.encoder, r.max_tokens, r.long_docs)
+    return make_embedder(r.encoder, r.max_tokens, r.long_docs, device=cfg.train.device, cuda_batch=r.embed_batch)
 
 
 def doc_heads(texts: list[str], head_words: int) -> list[str]:
     return [" ".join(t.split()[:head_words]) for t in texts]
 
 
+def fit_sample(is_val: np.ndarray, fit_docs: int, seed: int, chunk: int) -> np.ndarray:
+    """Sorted ids of the training documents the tree is fitted on: all of them when there are at most
+    `fit_docs`; else the `fit_docs` whose seeded uniform random keys are smallest (a uniform sample without
+    replacement), chosen `chunk` documents at a time so that at most fit_docs + chunk keys are held. The
+    keys are drawn in document order from one stream, so the sample does not depend on `chunk`."""
+    if len(is_val) - np.count_nonzero(is_val) <= fit_docs:
+        return np.flatnonzero(~is_val)
+    rng = np.random.default_rng(seed)
+    ids, keys = np.empty(0, dtype=np.int64), np.empty(0)
+    for a in range(0, len(is_val), chunk):
+        new = np.flatnonzero(~is_val[a : a + chunk]) + a
+        ids, keys = np.concatenate([ids, new]), np.concatenate([keys, rng.random(len(new))])
+        if len(ids) > fit_docs:
+            keep = np.argpartition(keys, fit_docs - 1)[:fit_docs]
+            ids, keys = ids[keep], keys[keep]
+    return np.sort(ids)
+
+
+def route_all(tree: Tree, emb: np.ndarray, is_val: np.ndarray, path: Path, chunk: int,
+              progress: bool = True) -> list[np.ndarray]:
+    """Route every row of `emb` down the tree, `chunk` rows at a time, into a memory-mapped int64
+    [n_docs, depth] .npy at `path` (published atomically). Returns the number of training documents per
+    node, one array per level (the final cluster sizes)."""
+    from tqdm.auto import tqdm
+
+    sizes = [np.zeros(tree.n_nodes(l), dtype=np.int64) for l in range(tree.depth)]
+    with atomic_path(path) as tmp, tqdm(total=len(emb), disable=not progress, desc="route", unit="doc",
+                                        dynamic_ncols=True) as bar:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(len(emb), tree.depth))
+        for a in range(0, len(emb), chunk):
+            paths = tree.route(emb[a : a + chunk])
+            out[a : a + len(paths)] = paths
+            for total, part in zip(sizes, cluster_sizes(paths[~is_val[a : a + chunk]], tree)):
+                total += part
+            bar.update(len(paths))
+        out.flush()
+        del out
+    return sizes
+
+
+def _agreement(cfg: Config, data: DataDir, embedder, tree: Tree, emb: np.ndarray, doc_paths: np.ndarray,
+               fit_idx: np.ndarray, head_words: int) -> dict:
+    """Routing agreement of document heads (a shorter, different text) with the documents' leaves."""
+    r = cfg.routing
+    order = np.random.default_rng(r.seed).permutation(fit_idx)
+    heads, index = order[:AGREEMENT_QUERIES], np.sort(order[:AGREEMENT_INDEX_DOCS])  # heads are in the index
+    head_emb = embedder.encode(doc_heads(data.texts_at(heads), head_words))
+    routers = {"centroid": make_router("centroid", tree),
+               "knn": make_router("knn", tree, doc_emb=emb[index], doc_paths=doc_paths[index], k=r.knn_k)}
+    return {"query": f"first {head_words} words of {len(heads)} training documents",
+            "index": f"the knn router votes among {len(index)} training documents (at most {AGREEMENT_INDEX_DOCS})",
+            **{name: routing_agreement(router, head_emb, doc_paths[heads, -1]) for name, router in routers.items()}}
+
+
 def cluster(cfg: Config, data: DataDir, head_words: int = 8, progress: bool = True) -> dict:
     r = cfg.routing
-    texts = data.texts()
-    embedder = embedder_for(cfg)
-    emb = embed_cached(embedder, texts, data.path / "embeddings", progress=progress)
-    is_val = data.is_val()
-    tree = fit_tree(emb[~is_val], depth=r.depth, branching=r.branching, seed=r.seed, steps=r.kmeans_steps,
-                    sample=r.kmeans_sample, balance=r.balance, progress=progress)
-    doc_paths = tree.route(emb)
     folder = data.path / "cluster"
+    # cluster.json is written last: without it, a half-replaced folder is never taken for a finished clustering
+    (folder / "cluster.json").unlink(missing_ok=True)
+    embedder = embedder_for(cfg)
+    emb_file = embed_corpus(embedder, data.iter_texts, data.n_docs, data.fingerprint(), data.path / "embeddings",
+                            chunk=r.chunk_docs, progress=progress)
+    emb = np.load(emb_file, mmap_mode="r")
+    is_val = data.is_val()
+    fit_idx = fit_sample(is_val, r.fit_docs, r.seed, r.chunk_docs)
+    tree = fit_tree(emb[fit_idx], depth=r.depth, branching=r.branching, seed=r.seed, steps=r.kmeans_steps,
+                    sample=r.kmeans_sample, balance=r.balance, progress=progress)
     folder.mkdir(parents=True, exist_ok=True)
-    emb_file = data.path / "embeddings" / f"emb-{corpus_key(embedder.name, texts)[:16]}.npy"
-    sizes = cluster_sizes(doc_paths[~is_val], tree)
+    tree.save(folder / "tree.npz")
+    sizes = route_all(tree, emb, is_val, folder / "doc_paths.npy", r.chunk_docs, progress)
     size_report = [{"level": l + 1, "nodes": int(len(s)), "non_empty": int((s > 0).sum()), "min": int(s.min()),
                     "median": float(np.median(s)), "max": int(s.max())} for l, s in enumerate(sizes)]
-
-    # routing agreement: a document's head (a shorter, different text) vs the document's leaf
-    train_idx = np.flatnonzero(~is_val)
-    sample = np.random.default_rng(r.seed).permutation(train_idx)[:500]
-    head_emb = embedder.encode(doc_heads([texts[i] for i in sample], head_words))
-    agreement = {}
-    for name in ("centroid", "knn"):
-        router = make_router(name, tree, doc_emb=emb[train_idx], doc_paths=doc_paths[train_idx], k=r.knn_k)
-        agreement[name] = routing_agreement(router, head_emb, doc_paths[sample, -1])
-
-    tree.save(folder / "tree.npz")
-    atomic_save_npy(folder / "doc_paths.npy", doc_paths)
-    report = {"routing": routing_key(cfg), "tree_fingerprint": tree.fingerprint(),
-              "embeddings": str(emb_file.relative_to(data.path)), "n_docs": len(texts), "sizes": size_report,
-              "agreement": {"query": f"first {head_words} words of {len(sample)} training documents",
-                            **agreement}}
+    doc_paths = np.load(folder / "doc_paths.npy", mmap_mode="r")
+    report = {"routing": routing_key(cfg), "tree_fingerprint": tree.fingerprint(), "encoder": embedder.name,
+              "embeddings": str(emb_file.relative_to(data.path)), "n_docs": data.n_docs, "fit_docs": len(fit_idx),
+              "sizes": size_report,
+              "agreement": _agreement(cfg, data, embedder, tree, emb, doc_paths, fit_idx, head_words)}
     atomic_write_json(folder / "cluster.json", report)
     return report
 
@@ -112,11 +177,13 @@ def ensure_clustered(cfg: Config, data: DataDir, progress: bool = True) -> Clust
 
 
 def format_report(report: dict) -> str:
-    lines = ["level  nodes  non-empty  min  median  max"]
+    lines = [f"tree fitted on {report['fit_docs']} training documents; the sizes count every training document "
+             "(routed after the fit, so a cluster may exceed the balance cap):",
+             "level  nodes  non-empty  min  median  max"]
     for s in report["sizes"]:
         lines.append(f"{s['level']:>5}  {s['nodes']:>5}  {s['non_empty']:>9}  {s['min']:>3}  {s['median']:>6.1f}  {s['max']:>3}")
     a = report["agreement"]
-    lines.append(f"routing agreement ({a['query']} -> the document's leaf):")
+    lines.append(f"routing agreement ({a['query']} -> the document's leaf; {a['index']}):")
     for name in ("centroid", "knn"):
         per_level = ", ".join(f"{x:.2f}" for x in a[name]["levels"])
         lines.append(f"  {name:<8} leaf {a[name]['leaf']:.3f}   per level [{per_level}]")

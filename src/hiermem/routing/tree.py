@@ -7,6 +7,12 @@ one node id per level; the leaf id alone determines the path (see `paths_from_le
 Queries and training vectors are both L2-normalised before any distance is taken, so routing is a pure
 function of (tree, embedding direction). Training documents are assigned to children with the same
 distance kernel that `Tree.route` uses, so a document's training path is exactly `route` of its embedding.
+
+The balance rule (routing.balance) binds only inside k-means: in every Lloyd step of a node, a child may
+take at most balance/branching of that step's assignments. The examples of a node then go to their
+nearest child with no cap, so the fitted tree's own cluster sizes may already exceed it; `hiermem cluster`
+fits on a sample (routing.fit_docs) and routes every document by the same plain descent as inference, so
+the final sizes over the whole corpus (its cluster report) can exceed the cap further.
 """
 
 from __future__ import annotations
@@ -207,14 +213,16 @@ def _nearest_faiss(X: np.ndarray, C: np.ndarray) -> np.ndarray:
     return idx[:, 0].astype(np.int64)
 
 
-def _kmeans_node(X: np.ndarray, k: int, steps: int, sample: int, balance: float,
+def _kmeans_node(X: np.ndarray, members: np.ndarray, k: int, steps: int, sample: int, balance: float,
                  rng: np.random.Generator) -> np.ndarray:
-    """Centroids [k, d] for one node: k-means++ then `steps` balanced Lloyd steps on fresh subsets."""
-    n = X.shape[0]
+    """Centroids [k, d] for one node (the rows `members` of X): k-means++ then `steps` balanced Lloyd
+    steps on fresh subsets. Only subsets of at most `sample` rows are copied out of X."""
+    n = len(members)
     m = min(sample, n)
+    whole = X[members] if m == n else None
 
     def draw() -> np.ndarray:
-        return X if m == n else X[np.sort(rng.choice(n, size=m, replace=False))]
+        return whole if m == n else X[members[np.sort(rng.choice(n, size=m, replace=False))]]
 
     C = _kmeanspp(draw(), k, rng)
     for _ in range(steps):
@@ -249,6 +257,9 @@ def fit_tree(X: np.ndarray, depth: int, branching: int, seed: int = 0, steps: in
     balancing at share balance/branching); then all the node's examples go to their nearest child
     (plain routing, no balancing) and the recursion continues per child. Deterministic for a seed:
     each node draws from its own rng seeded by (seed, level, node).
+    Memory: X is normalised into one copy; a node copies out only its k-means subsets (<= `sample` rows)
+    and assigns its examples `_ROUTE_CHUNK` rows at a time, so nothing else grows with X beyond
+    per-example index arrays.
     """
     from tqdm.auto import tqdm
 
@@ -276,15 +287,17 @@ def fit_tree(X: np.ndarray, depth: int, branching: int, seed: int = 0, steps: in
             bounds = np.searchsorted(parent_of[order], np.arange(n_parents + 1))
             for p in range(n_parents):
                 members = order[bounds[p] : bounds[p + 1]]
-                Xp = X[members]
                 if len(members) < branching:
-                    Cp = _small_node_children(Xp, parent_cent[p], branching)
+                    Cp = _small_node_children(X[members], parent_cent[p], branching)
                 else:
                     rng = np.random.default_rng([seed, l, p])
-                    Cp = _kmeans_node(Xp, branching, steps, sample, balance, rng)
+                    Cp = _kmeans_node(X, members, branching, steps, sample, balance, rng)
                 C[p * branching : (p + 1) * branching] = Cp
-                if len(members):  # plain nearest child, with route()'s kernel: training path == route()
-                    paths[members, l] = p * branching + np.argmin(_sq_dists(Xp, Cp), axis=1)
+                # plain nearest child, with route()'s kernel (row by row, so chunking changes no bit):
+                # training path == route()
+                for a in range(0, len(members), _ROUTE_CHUNK):
+                    rows = members[a : a + _ROUTE_CHUNK]
+                    paths[rows, l] = p * branching + np.argmin(_sq_dists(X[rows], Cp), axis=1)
                 bar.update(1)
             centroids.append(C)
             parent_of, parent_cent = paths[:, l].copy(), C
