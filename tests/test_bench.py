@@ -6,8 +6,7 @@ import json
 import torch
 
 from hiermem.bench import SUITES, run_suite
-from hiermem.bench.train_throughput import build_step, flops_per_token, shape_config, synthetic_batch
-from hiermem.memory.spec import BankSpec
+from hiermem.bench.train_throughput import build_step, shape_config, synthetic_batch
 from hiermem.train.step import TrainStep
 
 
@@ -52,9 +51,27 @@ def test_synthetic_batches_have_consistent_paths_and_packed_documents():
     assert b["positions"][0].tolist()[:11] == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0]
 
 
-def test_flop_model_matches_the_paper_160m_shape():
-    cfg = shape_config("gpu", "scratch", "cpu").model
-    spec = BankSpec(d=512, n_layers=35, ranks=(256, 64, 16), branching=16)
-    f = flops_per_token(cfg, 2048, spec)
-    assert f["memory"] == 6 * 18_063_360  # 6 x the paper's fetched parameters of its (256, 64, 16, 0) memory
-    assert 0.9 < f["flop_bound_ratio"] < 0.92
+
+
+def test_scale_suite_trains_with_a_bank_on_disk_and_reports_memory_and_the_ratio(tmp_path):
+    res = run_suite("scale", out=str(tmp_path), quick=True, steps=2, warmup=1)
+    saved = json.loads((tmp_path / "scale.json").read_text())
+    assert saved == json.loads(json.dumps(res)) and {"scale", "fetch"} <= set(SUITES)
+    disk, ram = saved["disk"], saved["ram"]
+    assert disk["bytes_on_disk"] >= 0.02e9 and disk["allocated_bytes"] >= disk["bytes_on_disk"]  # data, no holes
+    assert disk["branching"] > ram["branching"] and disk["bank_params"] > ram["bank_params"]
+    assert 0 < disk["peak_rss_anon_gb"] and disk["cache_peak_bytes"] <= 0.004e9 and disk["disk_read_bytes_per_step"] > 0
+    assert saved["ratio"] == disk["tok_per_s"] / ram["tok_per_s"] > 0
+    assert not (tmp_path / "scale-bank").exists()  # the store is removed
+
+
+def test_fetch_suite_times_cold_warm_and_raw_reads_of_one_path(tmp_path):
+    res = run_suite("fetch", out=str(tmp_path), quick=True, trials=2)
+    saved = json.loads((tmp_path / "fetch.json").read_text())
+    assert saved == json.loads(json.dumps(res))
+    assert set(saved["seconds"]) == {"raw", "cold", "cold_unverified", "warm"}
+    assert len(saved["all_seconds"]["cold"]) == 2 and len(saved["all_seconds"]["warm"]) == 3  # the subtree's others
+    s = saved["seconds"]
+    assert saved["cold_vs_raw"] == s["raw"] / s["cold"] and saved["warm_speedup"] == s["cold"] / s["warm"]
+    assert saved["bytes_per_path"] == 2 * 3 * (8 + 4 + 2) * 32 * 4  # layers x 3 x (r1 + r2 + r3) x d, float32
+    assert not (tmp_path / "fetch-bank").exists()

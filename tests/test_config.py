@@ -87,10 +87,10 @@ def test_training_needs_init_from_for_frozen_and_cotrain():
 
 
 def test_a_trained_run_takes_only_inference_time_overrides():
-    assert set(C.inference_keys()) >= {"routing.router", "routing.knn_k", "train.device", "memory.cache_levels",
+    assert set(C.inference_keys()) >= {"routing.router", "routing.knn_k", "train.device", "memory.cache_bytes",
                                        "memory.mmap", "data.dir"}
     C.check_run_overrides(["routing.router=centroid", "routing.knn_k=5", "train.device=cpu",
-                           "memory.cache_levels=2", "memory.mmap=true"])
+                           "memory.cache_bytes=1000000", "memory.mmap=true"])
     C.check_run_overrides(["routing.rooter=knn"])  # unknown: left for read_config to name against the dataclasses
     for item in ("model.d_model=64", "memory.ranks=[4,4]", "memory.layers=[0,1]", "routing.depth=3",
                  "routing.branching=4", "routing.encoder=minilm", "data.seq_len=16", "train.lr=1", "model={}"):

@@ -23,7 +23,9 @@ def test_report_has_every_row_and_bucket(quick_demo):
     report = json.loads((quick_demo / "report.json").read_text())
     assert report["buckets"] == ["unseen", "2", "3-4", "5-9", "10-24", "25+"]
     assert report["quick"] is True and report["spec"]["corpus"]["n_entities"] == 300
-    assert REQUIRED_ROWS <= set(report["models"])
+    assert REQUIRED_ROWS <= set(report["models"]) and "anchor_staged" not in report["models"]  # opt-in control
+    # every job ran (none cached) and its CPU seconds were counted from the child's own rusage
+    assert set(report["job_cpu_s"]) == set(report["job_wall_s"]) and all(v > 0 for v in report["job_cpu_s"].values())
     for name, m in report["models"].items():
         assert len(m["accuracy"]) == len(report["buckets"]), name
         assert all(0.0 <= a <= 100.0 for a in m["accuracy"]), name
@@ -50,3 +52,4 @@ def test_rerun_reuses_every_cached_stage(quick_demo, capsys):
     assert main(["demo", "--preset", "demo-quick", "--quiet", "--out", str(quick_demo)]) == 0
     report = json.loads((quick_demo / "report.json").read_text())
     assert all(v == 0.0 for v in report["job_wall_s"].values()), report["job_wall_s"]
+    assert all(v == 0.0 for v in report["job_cpu_s"].values())

@@ -6,7 +6,7 @@ import torch
 
 from hiermem.errors import HiermemError
 from hiermem.memory.bank import MemoryBank
-from hiermem.memory.fetch import FetchCounts, block_grads, check_paths, fetch
+from hiermem.memory.fetch import FetchCounts, block_grads, check_paths, fetch, needed_blocks
 from hiermem.memory.spec import BankSpec
 
 SPEC = BankSpec(d=8, n_layers=4, ranks=(3, 0, 2), branching=3, layers=(1, 3))
@@ -64,8 +64,8 @@ def test_each_distinct_block_is_read_once(monkeypatch):
     use = torch.tensor([0, 0, 0, 1, 0, 0, 0, 0], dtype=torch.bool)
     reads = []
     read = MemoryBank.read_blocks
-    monkeypatch.setattr(MemoryBank, "read_blocks", lambda self, key, ids: reads.append((key, ids.tolist())) or
-                        read(self, key, ids))
+    monkeypatch.setattr(MemoryBank, "read_blocks", lambda self, key, ids, copy=True:
+                        reads.append((key, ids.tolist())) or read(self, key, ids))
     f = fetch(bank, paths, use)
     assert [p.name for p in f.memory.parts] == ["level0", "level2", "generic"]
     assert [k for k, _ in reads] == ["level0", "level2", "generic"]  # one read per part
@@ -81,6 +81,24 @@ def test_each_distinct_block_is_read_once(monkeypatch):
     assert f.block_ids["generic"].tolist() == [0] and f.rows_per_block["generic"].tolist() == [1]
     assert f.memory.parts[2].index.tolist() == [-1, -1, -1, 0, -1, -1, -1, -1]
     assert torch.equal(fetched_rows(f.memory), reference_weights(bank, paths, use))
+    assert f.nbytes == sum(len(ids) * bank.block_bytes(k) for k, ids in f.block_ids.items())
+    assert {k: v.tolist() for k, v in needed_blocks(SPEC, paths, use).items()} == {
+        k: v.tolist() for k, v in f.block_ids.items()}  # what a prefetch asks for is what the fetch reads
+
+
+def test_a_bank_on_disk_fetches_the_same_blocks(tmp_path):
+    bank = filled_bank(7)
+    bank.save(tmp_path / "bank")
+    paths = random_paths(SPEC, 9, seed=4)
+    use = torch.tensor([0, 1, 0, 0, 0, 1, 0, 0, 0], dtype=torch.bool)
+    disk = MemoryBank.load(tmp_path / "bank", mmap=True, writable=False, cache_bytes=2000)
+    for f in (fetch(disk, paths, use), fetch(disk, paths, use, requires_grad=True)):
+        assert torch.equal(fetched_rows(f.memory), reference_weights(bank, paths, use))
+    one = fetch(disk, paths[:1])  # one sequence, read only: the cached records themselves, no copy
+    again = fetch(disk, paths[:1])
+    assert one.memory.parts[0].weights.data_ptr() == again.memory.parts[0].weights.data_ptr()
+    trained = fetch(disk, paths[:1], requires_grad=True)  # training gets its own leaf tensors
+    assert trained.memory.parts[0].weights.data_ptr() != one.memory.parts[0].weights.data_ptr()
 
 
 def test_generic_rows():

@@ -75,7 +75,8 @@ def test_a_run_opens_its_bank_read_only(tmp_path):
         run = Run(run_dir, device="cpu", overrides=[f"memory.mmap={str(mmap).lower()}"])
         assert not run.bank.writable
         with pytest.raises(HiermemError, match="opened read-only"):
-            run.bank.write_blocks("level0", torch.zeros(1, dtype=torch.long), run.bank.part("level0")[:1])
+            first = torch.zeros(1, dtype=torch.long)
+            run.bank.write_blocks("level0", first, run.bank.read_blocks("level0", first))
 
 
 def test_run_refuses_data_from_another_tokenizer(memory_run, tmp_path):
@@ -88,3 +89,25 @@ def test_run_refuses_data_from_another_tokenizer(memory_run, tmp_path):
     run = Run(memory_run, device="cpu", overrides=[f"data.dir={other}"])
     with pytest.raises(HiermemError, match="tokenised with another tokenizer"):
         run.data()
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_an_unfinished_run_loads_the_anchor_and_bank_of_its_last_checkpoint(longtail_data, tmp_path, mmap):
+    """The bank's manifest.json may lag behind the checkpoint (a crash between the two commits): a run that has
+    not finished loads the bank generation its checkpoint names, at the checkpoint's step."""
+    from hiermem.train.loop import Trainer
+
+    cfg = load_config("tiny", [*longtail_data, "train.mode=scratch", "train.max_steps=6", "train.ckpt_every=2",
+                               f"memory.mmap={str(mmap).lower()}", f"train.run_dir={tmp_path / 'r'}"])
+    trainer = Trainer(cfg, progress=False)
+    trainer.run(stop_at=2)
+    at_two = {k: trainer.bank.read_part(k) for k in trainer.bank.parts()}
+    trainer.bank.publish = lambda: None  # the next checkpoint's bank is committed, never published
+    trainer.run(stop_at=4)
+    assert json.loads((tmp_path / "r" / "bank" / "manifest.json").read_text())["generation"] == 1
+    run = Run(tmp_path / "r", device="cpu")
+    assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["generation"] == 2
+    for k in run.bank.parts():
+        assert torch.equal(run.bank.read_part(k), trainer.bank.read_part(k))
+    assert any(not torch.equal(at_two[k], trainer.bank.read_part(k)) for k in at_two)
+    assert torch.equal(run.model.tok_emb.weight, trainer.model.tok_emb.weight)

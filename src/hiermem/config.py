@@ -79,9 +79,14 @@ class MemoryConfig:
     lr_min: float = setting(1e-3, "memory learning rate at the end of the cosine schedule")
     warmup_steps: int = setting(0, "memory learning-rate warmup steps", min=0)
     weight_decay: float = setting(1e-3, "weight decay of the memories")
-    mmap: bool = setting(False, "keep the bank (and its optimizer state) in memory-mapped files", inference=True)
-    cache_levels: int = setting(1, "shallow tree levels copied into RAM when the bank is memory-mapped",
-                                inference=True)
+    mmap: bool = setting(False, "keep the bank and its optimizer state in files on disk, read with pread into a "
+                         "block cache of memory.cache_bytes (banks larger than RAM)", inference=True)
+    dtype: str = setting("fp32", "storage dtype of the bank's weights (bf16: stochastic rounding on write); "
+                         "blocks compute and optimizer moments stay fp32", choices=("fp32", "bf16"))
+    cache_bytes: int = setting(4 << 30, "RAM budget in bytes of an on-disk bank's block cache; the generic block and "
+                               "the shallow levels that fit in half of it stay pinned", min=1, inference=True)
+    prefetch: int = setting(2, "batches ahead whose blocks a background thread reads into an on-disk bank's "
+                            "cache; 0 = off", min=0)
 
 
 @dataclass
@@ -417,7 +422,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # Keys that older versions wrote into a run's config.yaml and that no longer exist: dropped when read.
-REMOVED_KEYS = {"memory.dispatch": "0.1.0: one memory representation now serves every device"}
+REMOVED_KEYS = {"memory.dispatch": "0.1.0: one memory representation now serves every device",
+                "memory.cache_levels": "bank format 3: the block cache (memory.cache_bytes) pins shallow levels"}
 
 
 def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import importlib
 
-SUITES = {"train": "hiermem.bench.train_throughput"}  # later suites (scale, serve, chaos, distributed) join here
+# name -> "module" (its run()) or "module:function"; later suites (serve, chaos, distributed) join here
+SUITES = {"train": "hiermem.bench.train_throughput", "scale": "hiermem.bench.bank_scale", "fetch": "hiermem.bench.bank_scale:run_fetch"}
 
 
 def run_suite(name: str, out: str, quick: bool = False, **options) -> dict:
-    return importlib.import_module(SUITES[name]).run(out=out, quick=quick, **options)
+    module, _, function = SUITES[name].partition(":")
+    return getattr(importlib.import_module(module), function or "run")(out=out, quick=quick, **options)
 
 
 __all__ = ["SUITES", "run_suite"]

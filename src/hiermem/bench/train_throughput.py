@@ -6,11 +6,7 @@ tokens packed into each row, or one document per row with doc_len 0). Only data 
 run. Variants, measured in the same process: anchor (train.mode=anchor) and memory (train.mode=scratch, the
 bank fetched and updated every step), each eager and, on CUDA, with train.compile=true.
 
-FLOP model (per trained token, forward + backward = 3 x forward; 2 FLOPs per multiply-add):
-  anchor = 6·(L·(4·d·w + 3·d·d_ff) + V·d) + 6·L·T·w     matmul weights; causal attention QK^T and AV
-  memory = 6·L_mem·3·R·d                                  the fetched neurons (R = r1 + r2 + ...)
-FLOP-bound ratio = anchor / (anchor + memory): the best memory/anchor throughput ratio at equal FLOP rate.
-MFU = FLOPs/s over the card's dense bf16 peak. Shapes: on CUDA the paper's 160M anchor with (256, 64, 16)
+FLOPs, MFU and the FLOP-bound ratio follow train/flops.py (the trainer's log uses the same model). Shapes: on CUDA the paper's 160M anchor with (256, 64, 16)
 memory over its 4.6B-parameter bank (the largest branching that fits), on CPU a small shape.
 """
 
@@ -25,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hiermem.config import Config, ModelConfig, load_config
+from hiermem.config import Config, load_config
 from hiermem.memory.bank import MemoryBank
 from hiermem.memory.spec import BankSpec, bank_param_counts, spec_from_config
 from hiermem.model.transformer import Transformer, count_parameters
+from hiermem.train.flops import flops_per_token, peak_flops
 from hiermem.train.step import TrainStep, anchor_optimizer, bank_optimizer
-
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense bf16 tensor-core peaks
 
 # (model, batch, seq, ranks, branching)
 SHAPES = {
@@ -53,14 +48,6 @@ def shape_config(shape: str, mode: str, device: str, compile: bool = False, bran
         f"routing.branching={branching or k}", f"memory.ranks=[{','.join(map(str, ranks))}]",
         "train.warmup_steps=2", "train.lr=1e-4", "memory.lr=1e-4"]
     return load_config(None, overrides)
-
-
-def flops_per_token(cfg: ModelConfig, seq: int, spec: BankSpec | None) -> dict[str, float]:
-    d, w, L = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_layers
-    matmul = L * (4 * d * w + 3 * d * cfg.d_ff) + cfg.vocab_size * d
-    anchor = 6.0 * matmul + 6.0 * L * seq * w
-    memory = 0.0 if spec is None else 6.0 * spec.n_mem_layers * 3 * spec.fetched_rank * d
-    return {"anchor": anchor, "memory": memory, "flop_bound_ratio": anchor / (anchor + memory)}
 
 
 def random_bank(spec: BankSpec, device: torch.device, seed: int = 0) -> MemoryBank:
@@ -212,7 +199,7 @@ def run(out: str = "runs/bench", quick: bool = False, device: str | None = None,
 
 def summarize(res: dict) -> None:
     fl, v = res["flops_per_token"], res["variants"]
-    peak = next((p for key, p in PEAK_BF16.items() if key in res["device"]), None)
+    peak = peak_flops(res["device"])
     for label, r in v.items():
         if "tok_per_s" not in r:
             continue
@@ -270,4 +257,4 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["SHAPES", "flops_per_token", "random_bank", "run", "shape_config", "synthetic_batch"]
+__all__ = ["SHAPES", "random_bank", "run", "shape_config", "synthetic_batch"]

@@ -2,7 +2,9 @@
 
 A run holds everything inference needs besides the data directory: config.yaml (with resolved, absolute data
 paths, so the run loads from any working directory), tokenizer.json, tree.npz, anchor.safetensors, bank/ and
-run.json (the on-disk format version). An unfinished run loads from its last checkpoint.
+run.json (the on-disk format version). An unfinished run loads from its last checkpoint: its anchor weights and
+the bank generation that checkpoint names. The bank opens read-only, in RAM or (memory.mmap=true) on disk behind
+a block cache of memory.cache_bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from hiermem.memory.spec import spec_from_config
 from hiermem.model.transformer import Transformer
 from hiermem.routing.clustering import Clustering, load_clustering
 from hiermem.routing.tree import Tree
-from hiermem.train.checkpoint import RUN_FORMAT_VERSION, load_weights, read_run_format
+from hiermem.train.checkpoint import RUN_FORMAT_VERSION, load_state, load_weights, read_run_format
 
 
 class Run:
@@ -32,14 +34,20 @@ class Run:
             raise HiermemError(f"{self.path}/tokenizer.json: vocabulary larger than the model's (another tokenizer?)")
         self.device = resolve_device(device if device != "auto" else self.cfg.train.device)
         self.model = Transformer(self.cfg.model).to(self.device).eval()
-        weights, bank_dir = self.path / "anchor.safetensors", self.path / "bank"
+        weights, bank_dir, generation = self.path / "anchor.safetensors", self.path / "bank", None
         if not weights.is_file():  # an unfinished run: its last checkpoint, anchor and bank of the same step
-            weights, bank_dir = self.path / "checkpoint" / "model.safetensors", self.path / "checkpoint" / "bank"
+            ckpt = self.path / "checkpoint"
+            if self.format_version < 3:  # the checkpoint held a full copy of the bank
+                weights, bank_dir = ckpt / "model.safetensors", ckpt / "bank"
+            else:
+                state = load_state(ckpt)
+                weights, generation = ckpt / state["files"]["model"], state["generation"]
         load_weights(self.model, weights)
         self.bank = self.tree = self._data = None
         if self.cfg.uses_memory:
             m = self.cfg.memory
-            self.bank = MemoryBank.load(bank_dir, mmap=m.mmap, cache_levels=m.cache_levels, writable=False)
+            self.bank = MemoryBank.load(bank_dir, mmap=m.mmap, generation=generation, cache_bytes=m.cache_bytes,
+                                        writable=False)
             self.bank.check_compatible(spec_from_config(self.cfg))
             self.tree = Tree.load(self.path / "tree.npz")
 

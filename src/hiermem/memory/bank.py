@@ -1,32 +1,33 @@
-"""The memory bank: the parameter blocks of every tree node, in RAM or memory-mapped files, checksummed.
+"""The memory bank: the parameter blocks of every tree node, in RAM (or on the GPU) or on disk, checksummed.
 
-A part (memory/spec.py) is one float32 array [n_nodes, n_mem_layers, 3, r, d], so a block is one contiguous
-extent in RAM and on disk. Banks larger than RAM are memory-mapped: blocks are read on demand and written in
-place. Every block is checked against the manifest's crc32 the first time it is read; the optimizer writes
-blocks back through write_blocks, the only way in. Fetching a batch's blocks is memory/fetch.py.
+A part (memory/spec.py) is one array [n_nodes, n_mem_layers, 3, r, d] in the bank's storage dtype, float32 or
+bfloat16 (memory.dtype; memory/precision.py); blocks are always handed out and taken back as float32. The bank
+also holds the lazy AdamW's moments of its blocks (memory/optim.py), so that a block and its optimizer state are
+stored, cached and checkpointed together. MemoryBank keeps everything in RAM; DiskBank (memory/disk.py,
+memory.mmap=true) keeps it in files behind a block cache with a byte budget, for a bank and optimizer state
+larger than RAM. Both offer the same interface: read_blocks / write_blocks (weights), read_state / write_state
+(weights with their moments, the optimizer's way in), and commit / publish / save (memory/store.py: format 3,
+incremental and crash-safe). Every block read from a file is checked against its crc32 (a RAM bank checks each
+block the first time it is read). Fetching a batch's blocks is memory/fetch.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from hiermem.errors import HiermemError
-from hiermem.io_utils import atomic_path, atomic_write_json
-from hiermem.memory.files import crc32, open_npy, rows_per_chunk, save_npy
+from hiermem.memory.files import crash_point, crc32, rows_per_chunk
+from hiermem.memory.precision import TORCH_DTYPES, as_bytes, dtype_name, from_bytes, itemsize, storage_dtype, to_storage
 from hiermem.memory.spec import GENERIC, BankSpec
+from hiermem.memory.store import FORMAT, FORMAT_VERSION, MANIFEST, BlockStore, LegacyStore, block_name, open_store
 from hiermem.model.fetched import DOWN
 
-MANIFEST = "manifest.json"
-FORMAT = "hiermem-bank"
-FORMAT_VERSION = 2  # 1: hiermem 0.1.0 (no format_version field); 2: adds format_version
+VERIFY = ("fetch", "all", "none")
 
 
 def _block_seed(seed: int, key: str, i: int) -> int:
@@ -35,114 +36,123 @@ def _block_seed(seed: int, key: str, i: int) -> int:
     return int.from_bytes(h, "little") >> 1
 
 
-def _init_block(spec: BankSpec, seed: int, key: str, i: int) -> np.ndarray:
+def _init_block(spec: BankSpec, seed: int, key: str, i: int) -> torch.Tensor:
     block = torch.zeros(spec.part_shape(key)[1:])  # down rows stay zero: an untrained memory has no effect
     g = torch.Generator().manual_seed(_block_seed(seed, key, i))
     s = spec.std
     torch.nn.init.trunc_normal_(block.narrow(1, 0, DOWN), std=s, a=-3 * s, b=3 * s, generator=g)  # gate + up
-    return block.numpy()
+    return block
 
+
+def _check_verify(verify: str) -> None:
+    if verify not in VERIFY:
+        raise ValueError(f"verify must be 'fetch', 'all' or 'none', got {verify!r}")
 
 
 class MemoryBank:
-    """Part arrays (torch tensors over RAM or memory-mapped files) with checksums, block I/O, save and load."""
+    """A bank in RAM: one tensor per part (plus the moments once an optimizer is attached), checksums of what
+    was read from a file, and the folder it was loaded from or last committed to (its own `dir`)."""
+
+    on_disk = False
 
     def __init__(self, spec: BankSpec, arrays: dict[str, torch.Tensor], checksums: dict[str, np.ndarray], *,
-                 dir: Path | None = None, maps: dict[str, np.memmap] | None = None, verified: bool = True,
-                 writable: bool = True):
-        self.spec = spec
-        self.dir = dir  # the folder the bank was created in / loaded from (in-place saves go there)
-        self.writable = writable
+                 dir: Path | None = None, verified: bool = True, writable: bool = True,
+                 state: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 writes: dict[str, np.ndarray] | None = None, store: BlockStore | LegacyStore | None = None):
+        self.spec, self.writable = spec, writable
+        self.dir = None if dir is None else Path(dir)
+        self.dtype = dtype_name(next(iter(arrays.values())))
+        self.store = store  # the store in dir that an in-place commit extends (None: none yet)
         self._t = arrays
-        self._maps = maps or {}  # parts backed by a memory-mapped file
-        self._crc = checksums  # crc32 of every clean block
+        self._state = state  # part -> (m, v), float32 like the part; None until an optimizer is attached
+        self._crc = checksums  # crc32 of every block as read from its file
         n = {k: spec.part_shape(k)[0] for k in arrays}
-        self._dirty = {k: np.zeros(n[k], bool) for k in arrays}  # written since the checksums were taken
-        self._unsaved: set[str] = set()  # parts written since the last save into the bank's own folder
+        self._dirty = {k: np.zeros(n[k], bool) for k in arrays}  # written since the last commit into dir
         self._verified = {k: np.full(n[k], verified) for k in arrays}
+        self._writes = writes if writes is not None else {k: np.zeros(n[k], np.int64) for k in arrays}
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, spec: BankSpec, seed: int, dir: str | Path | None = None) -> "MemoryBank":
-        """Fresh bank: gate/up rows trunc-normal(std, ±3σ), down rows zero; deterministic per seed.
+    def create(cls, spec: BankSpec, seed: int, dir: str | Path | None = None, *, dtype: str = "float32",
+               weights_from: "MemoryBank | None" = None, cache_bytes: int | None = None,
+               prefetch: bool = False) -> "MemoryBank":
+        """Fresh bank: gate/up rows trunc-normal(std, ±3σ), down rows zero, deterministic per seed (or the
+        weights of the bank weights_from, e.g. train.init_from's); no optimizer moments yet (zeros).
 
-        With dir, each level is created as a memory-mapped file and initialised block by block.
-        """
-        arrays, maps, crcs = {}, {}, {}
-        if dir is not None:
-            dir = Path(dir)
-            if (dir / MANIFEST).exists():
-                raise HiermemError(f"{dir}: already holds a memory bank; refusing to overwrite it")
-            dir.mkdir(parents=True, exist_ok=True)
+        With dir, the bank is made on disk block by block (a DiskBank with room for its moments) and committed
+        and published as generation 0."""
+        dtype = storage_dtype(dtype)
+        if weights_from is not None:
+            weights_from.check_compatible(spec)
+
+        def block(key: str, i: int) -> torch.Tensor:  # [1, *block] in the storage dtype
+            w = (weights_from.read_blocks(key, torch.tensor([i])) if weights_from is not None
+                 else _init_block(spec, seed, key, i)[None])
+            return to_storage(w, dtype, key, np.array([i]), np.zeros(1, np.int64))
+
+        if dir is None:
+            arrays = {}
+            for key in spec.part_keys():
+                shape = spec.part_shape(key)
+                arrays[key] = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+                for i in range(shape[0]):
+                    arrays[key][i] = block(key, i)[0]
+            return cls(spec, arrays, {k: np.zeros(len(a), np.uint32) for k, a in arrays.items()})
+        from hiermem.memory.disk import DiskBank  # (disk.py builds on this module)
+
+        dir = Path(dir)
+        if (dir / MANIFEST).exists():
+            raise HiermemError(f"{dir}: already holds a memory bank; refusing to overwrite it")
+        store = BlockStore.create(dir, spec, dtype, state=True)
         for key in spec.part_keys():
-            shape = spec.part_shape(key)
-            crcs[key] = np.zeros(shape[0], np.uint32)
-            if dir is None:
-                a = np.empty(shape, np.float32)
-                for i in range(shape[0]):
-                    a[i] = _init_block(spec, seed, key, i)
-                    crcs[key][i] = crc32(a[i])
-                arrays[key] = torch.from_numpy(a)
-                continue
-            path = dir / f"{key}.npy"
-            with atomic_path(path) as tmp:
-                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-                for i in range(shape[0]):
-                    block = _init_block(spec, seed, key, i)
-                    mm[i] = block
-                    crcs[key][i] = crc32(block)
-                mm.flush()
-                del mm
-            maps[key] = np.load(path, mmap_mode="r+")
-            arrays[key] = torch.from_numpy(maps[key])
-        bank = cls(spec, arrays, crcs, dir=dir, maps=maps)
-        if dir is not None:
-            atomic_write_json(dir / MANIFEST, bank._manifest())
-        return bank
+            for i in range(spec.part_shape(key)[0]):
+                store.write(key, i, as_bytes(block(key, i)))  # weights only: the moments stay holes, zeros
+        store.commit(0, store.writes)
+        store.publish()
+        return DiskBank(store, cache_bytes=cache_bytes, prefetch=prefetch)
 
     @classmethod
-    def load(cls, dir: str | Path, mmap: bool = True, verify: str = "fetch", cache_levels: int = 1,
-             writable: bool = True) -> "MemoryBank":
-        """Open a saved bank. mmap: deep levels stay on disk; the first cache_levels levels and the generic
-        block are copied to RAM. verify: "fetch" checks each block the first time it is fetched, "all" checks
-        everything now, "none" trusts the files."""
-        if verify not in ("fetch", "all", "none"):
-            raise ValueError(f"verify must be 'fetch', 'all' or 'none', got {verify!r}")
-        dir = Path(dir)
-        mpath = dir / MANIFEST
-        if not mpath.is_file():
-            raise HiermemError(f"{mpath}: missing ({dir} is not a saved memory bank)")
-        try:
-            man = json.loads(mpath.read_text(encoding="utf-8"))
-            check_format(mpath, man)
-            spec = BankSpec.from_dict(man["spec"])
-            parts = man["parts"]
-            dtype = man["dtype"]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise HiermemError(f"{mpath}: unreadable manifest ({type(e).__name__}: {e})") from None
-        if dtype != "float32":
-            raise HiermemError(f"{mpath}: dtype {dtype!r} is not supported (float32)")
-        if sorted(parts) != sorted(spec.part_keys()):
-            raise HiermemError(f"{mpath}: lists parts {sorted(parts)}, its spec needs {sorted(spec.part_keys())}")
-        arrays, maps, crcs = {}, {}, {}
-        for key in spec.part_keys():
-            shape = spec.part_shape(key)
-            if tuple(parts[key]["shape"]) != shape:
-                raise HiermemError(f"{mpath}: {key} has shape {tuple(parts[key]['shape'])}, its spec needs {shape}")
-            crcs[key] = np.asarray(parts[key]["checksums"], dtype=np.uint32)
-            if crcs[key].shape != (shape[0],):
-                raise HiermemError(f"{mpath}: {key} lists {crcs[key].size} checksums for {shape[0]} blocks")
-            level = None if key == GENERIC else int(key.removeprefix("level"))
-            in_ram = not mmap or level is None or level < cache_levels  # shallow levels are small and hot
-            a = open_npy(dir / f"{key}.npy", shape, np.float32, "r+" if writable else "r", f"{mpath}")
-            if in_ram:
-                arrays[key] = torch.from_numpy(np.array(a))
-            else:
-                maps[key] = a
-                with warnings.catch_warnings():  # read-only maps: writes are refused by write_blocks instead
-                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                    arrays[key] = torch.from_numpy(a)
-        bank = cls(spec, arrays, crcs, dir=dir, maps=maps, verified=verify == "none", writable=writable)
+    def load(cls, dir: str | Path, mmap: bool = True, verify: str = "fetch", writable: bool = True,
+             generation: int | None = None, cache_bytes: int | None = None, prefetch: bool = False) -> "MemoryBank":
+        """Open a saved bank at its published generation (or at `generation`, e.g. a checkpoint's).
+
+        mmap: keep it on disk behind a block cache of cache_bytes (a DiskBank; prefetch: with a background
+        reader), else read it into RAM. A writable bank comes with its optimizer moments (to resume); a
+        read-only one with its weights only. verify: "fetch" checks each block when it is first read (on disk:
+        every time it is read from disk), "all" checks everything now, "none" trusts the files."""
+        _check_verify(verify)
+        store = open_store(dir, generation, writable=writable)
+        if mmap:
+            if writable and isinstance(store, LegacyStore):
+                raise HiermemError(f"{store.dir / MANIFEST}: a format-{store.version} bank opens on disk only "
+                                   "read-only (writable=False); load it into RAM (mmap=False) to change it")
+            from hiermem.memory.disk import DiskBank
+
+            return DiskBank(store, cache_bytes=cache_bytes, verify=verify, writable=writable, prefetch=prefetch)
+        with_state = writable and store.has_state
+        arrays, state = {}, ({} if with_state else None)
+        for key, lay in store.layouts.items():
+            n, wb, half = lay.n_blocks, lay.weight_bytes, lay.state_bytes // 2
+            w = np.empty((n, wb), np.uint8)
+            m = np.empty((n, half // 4), np.float32) if with_state else None
+            v = np.empty_like(m) if with_state else None
+            nbytes = wb + (lay.state_bytes if with_state else 0)
+            step = rows_per_chunk(nbytes)
+            for lo in range(0, n, step):
+                ids = np.arange(lo, min(n, lo + step))
+                for i, rec in zip(ids, store.read(key, ids, nbytes, check=False)):
+                    w[i] = rec[:wb]
+                    if with_state:
+                        if verify != "none" and crc32(rec[wb:]) != store.crc_s[key][i]:
+                            raise HiermemError(f"{store.dir}: the optimizer state of {block_name(key, i)} is "
+                                               "corrupted (checksum mismatch)")
+                        m[i], v[i] = rec[wb:wb + half].view(np.float32), rec[wb + half:].view(np.float32)
+            arrays[key] = from_bytes(w.reshape(-1), store.dtype, lay.shape)
+            if with_state:
+                state[key] = (torch.from_numpy(m.reshape(lay.shape)), torch.from_numpy(v.reshape(lay.shape)))
+        bank = cls(store.spec, arrays, dict(store.crc_w), dir=Path(dir), verified=verify == "none",
+                   writable=writable, state=state, writes={k: a.copy() for k, a in store.writes.items()},
+                   store=store)
         if verify == "all":
             bank.verify()
         return bank
@@ -161,106 +171,177 @@ class MemoryBank:
     def device(self) -> torch.device:
         return next(iter(self._t.values())).device
 
+    @property
+    def has_state(self) -> bool:
+        return self._state is not None
+
     def parts(self) -> list[str]:
-        return list(self._t)
+        return self.spec.part_keys()
+
+    def n_blocks(self, key: str) -> int:
+        return self.spec.part_shape(key)[0]
+
+    def block_bytes(self, key: str) -> int:
+        """Bytes of one block's weights as stored (what a fetch of it reads)."""
+        return int(np.prod(self.spec.part_shape(key)[1:])) * itemsize(self.dtype)
 
     def part(self, key: str) -> torch.Tensor:
+        """The live tensor of a part (storage dtype)."""
         return self._t[key]
 
-    def is_mapped(self, key: str) -> bool:
-        return key in self._maps
+    def read_part(self, key: str, field: str = "w") -> torch.Tensor:
+        """A float32 copy of a whole part: its weights ("w") or a moment ("m", "v")."""
+        if field == "w":
+            return self._t[key].float().clone()
+        return self._state[key]["mv".index(field)].clone()
 
-    def read_blocks(self, key: str, ids: torch.Tensor) -> torch.Tensor:
-        """Copy of blocks ids (distinct, cpu int64) of a part, checked against the manifest on first read."""
+    def read_blocks(self, key: str, ids: torch.Tensor, copy: bool = True) -> torch.Tensor:
+        """float32 blocks ids (distinct, cpu int64) of a part, checked on first read. A RAM bank always hands
+        out a copy; copy=False lets a bank on disk hand out a view of a cached block (read-only use)."""
         t = self._t[key]
         blocks = t.index_select(0, ids.to(t.device))
         ids_np = ids.numpy()
-        todo = np.nonzero(~self._verified[key][ids_np])[0]
-        for j in todo.tolist():
+        for j in np.nonzero(~self._verified[key][ids_np])[0].tolist():
             i = int(ids_np[j])
-            if crc32(blocks[j].cpu().numpy()) != self._crc[key][i]:
-                where = "the generic block" if key == GENERIC else f"block {i} of level {key[5:]}"
-                raise HiermemError(f"{self._file(key)}: {where} is corrupted (checksum mismatch)")
+            if crc32(as_bytes(blocks[j].cpu())) != self._crc[key][i]:
+                raise HiermemError(f"{self.store.file_of(key, i)}: {block_name(key, i)} is corrupted "
+                                   "(checksum mismatch)")
             self._verified[key][i] = True
-        return blocks
+        return blocks.float()
 
     def write_blocks(self, key: str, ids: torch.Tensor, values: torch.Tensor) -> None:
-        """Overwrite blocks ids of a part (the optimizer's only way in): marks them dirty."""
+        """Overwrite blocks ids of a part with float32 values (stored in the bank's dtype)."""
         if not self.writable:
             raise HiermemError(f"{self.dir}: bank was opened read-only")
         t = self._t[key]
-        t.index_copy_(0, ids.to(t.device), values.to(t.device, t.dtype))
         ids_np = ids.numpy()
+        counts = self._writes[key][ids_np] + 1
+        self._writes[key][ids_np] = counts
+        t.index_copy_(0, ids.to(t.device), to_storage(values.to(t.device), self.dtype, key, ids_np, counts))
         self._dirty[key][ids_np] = True
-        self._unsaved.add(key)
-        self._verified[key][ids_np] = True  # the content is now ours, not the manifest's
+        self._verified[key][ids_np] = True  # the content is now ours, not the file's
+
+    def enable_state(self) -> None:
+        """Give every block optimizer moments (zeros) unless the bank already has them (e.g. loaded to resume)."""
+        if self._state is None:
+            self._state = {k: (torch.zeros(t.shape, device=t.device), torch.zeros(t.shape, device=t.device))
+                           for k, t in self._t.items()}
+
+    def read_state(self, key: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """float32 copies of blocks ids and of their moments m and v."""
+        m_all, v_all = self._state[key]
+        idx = ids.to(m_all.device)
+        return self.read_blocks(key, ids), m_all.index_select(0, idx), v_all.index_select(0, idx)
+
+    def write_state(self, key: str, ids: torch.Tensor, w: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+        m_all, v_all = self._state[key]
+        idx = ids.to(m_all.device)
+        m_all.index_copy_(0, idx, m)
+        v_all.index_copy_(0, idx, v)
+        self.write_blocks(key, ids, w)
+
+    def hold(self, blocks: dict[str, torch.Tensor]) -> None:
+        """The blocks the current training step uses (a bank on disk keeps them cached until it writes them)."""
+
+    def prefetch(self, blocks: dict[str, torch.Tensor]) -> None:
+        """Blocks an upcoming step will use (a bank on disk reads them in the background)."""
+
+    def io_stats(self) -> dict[str, int]:
+        """Disk traffic and cache counters of a bank on disk ({} in RAM)."""
+        return {}
 
     def verify(self) -> None:
         """Check every not-yet-verified block now (chunk by chunk)."""
-        for key, t in self._t.items():
+        for key in self.parts():
             todo = np.nonzero(~self._verified[key])[0]
-            step = rows_per_chunk(tuple(t.shape))
+            step = rows_per_chunk(self.block_bytes(key))
             for lo in range(0, len(todo), step):
                 self.read_blocks(key, torch.from_numpy(todo[lo:lo + step]))
 
     def to(self, device: str | torch.device) -> "MemoryBank":
-        """Move an in-RAM bank (e.g. onto the GPU, where fetch is a device gather). Verifies it first."""
-        if self._maps:
-            raise HiermemError(f"{self.dir}: a memory-mapped bank stays on the CPU; load it with mmap=False "
-                               f"to move it to {device}")
+        """Move the bank (and its moments) e.g. onto the GPU, where fetch is a device gather. Verifies it first."""
         self.verify()
         self._t = {k: t.to(device) for k, t in self._t.items()}
+        if self._state is not None:
+            self._state = {k: (m.to(device), v.to(device)) for k, (m, v) in self._state.items()}
         return self
 
-
     # -- persistence -----------------------------------------------------------------------------------------
-    def _file(self, key: str) -> Path:
-        return (self.dir if self.dir is not None else Path(".")) / f"{key}.npy"
+    def _records(self, key: str, ids: np.ndarray) -> np.ndarray:
+        """The stored records of blocks ids, [U, bytes]: weights in the storage dtype, then m and v if any."""
+        idx = torch.from_numpy(ids).to(self.device)
+        parts = [self._t[key].index_select(0, idx).cpu()]
+        if self._state is not None:
+            parts += [s.index_select(0, idx).cpu() for s in self._state[key]]
+        return np.concatenate([as_bytes(p).reshape(len(ids), -1) for p in parts], axis=1)
 
-    def _manifest(self) -> dict[str, Any]:
-        parts = {k: {"file": f"{k}.npy", "shape": list(self.spec.part_shape(k)), "checksums": self._crc[k].tolist()}
-                 for k in self._t}
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": self.spec.to_dict(), "dtype": "float32", "checksum": "crc32",
-                "parts": parts}
+    def _write_records(self, store: BlockStore, blocks: dict[str, np.ndarray], checkpoint: bool) -> None:
+        for key, ids in blocks.items():
+            step = rows_per_chunk(store.layouts[key].record_bytes)
+            for lo in range(0, len(ids), step):
+                chunk = ids[lo:lo + step]
+                for i, rec in zip(chunk.tolist(), self._records(key, chunk)):
+                    if checkpoint:
+                        crash_point("block")
+                    store.write(key, i, rec)
+
+    def _own_store(self, dir: Path) -> BlockStore | None:
+        """The store an incremental commit into dir extends: the bank's own, if it is a writable format-3 store
+        in dir with the bank's layout."""
+        s = self.store
+        if (isinstance(s, BlockStore) and s.writable and self.dir is not None and dir.resolve() == self.dir.resolve()
+                and s.has_state == self.has_state):
+            return s
+        return None
+
+    def commit(self, dir: str | Path | None = None, generation: int | None = None) -> int:
+        """Add a generation to the store in dir (default: the bank's own folder), unpublished, and return its
+        number: the blocks written since the last commit there, or every block when dir is another folder,
+        which then becomes the bank's own. The caller commits its own state, then calls publish()."""
+        if not self.writable:
+            raise HiermemError(f"{self.dir}: bank was opened read-only")
+        target = Path(dir) if dir is not None else self.dir
+        if target is None:
+            raise ValueError("commit: this bank has no folder; pass one")
+        store = self._own_store(target)
+        if store is None:
+            store = BlockStore.create(target, self.spec, self.dtype, state=self.has_state)
+            blocks = {k: np.arange(self.n_blocks(k)) for k in self.parts()}
+        else:
+            blocks = {k: np.flatnonzero(self._dirty[k]) for k in self.parts()}
+        self._write_records(store, blocks, checkpoint=True)
+        generation = store.generation + 1 if generation is None else generation
+        store.commit(generation, self._writes)
+        self.store, self.dir = store, target
+        for d in self._dirty.values():
+            d[:] = False
+        return generation
+
+    def publish(self) -> None:
+        """Make the last committed generation the one dir/manifest.json names (and drop older ones' tables)."""
+        if not isinstance(self.store, BlockStore):
+            raise ValueError("publish: nothing committed yet")
+        self.store.publish()
 
     def save(self, dir: str | Path | None = None) -> None:
-        """Write level files + manifest.json (each atomically, manifest last). Saving a bank into its own
-        folder flushes memory-mapped levels in place and re-checksums only the blocks written since the
-        last save; any other folder gets a full copy (chunked for memory-mapped levels)."""
-        if dir is None and self.dir is None:
+        """A complete, published bank in dir: in the bank's own folder a new generation (only the blocks written
+        since the last commit); in any other folder a full copy (the bank's own folder stays what it was)."""
+        target = Path(dir) if dir is not None else self.dir
+        if target is None:
             raise ValueError("save: this bank has no folder; pass one")
-        dir = Path(dir) if dir is not None else self.dir
-        in_place = self.dir is not None and dir.resolve() == self.dir.resolve()
-        dir.mkdir(parents=True, exist_ok=True)
-        for key, t in self._t.items():
-            changed = np.nonzero(self._dirty[key])[0]
-            for i in changed.tolist():
-                self._crc[key][i] = crc32(t[i].cpu().numpy())
-            self._dirty[key][:] = False
-            path = dir / f"{key}.npy"
-            if in_place and key in self._maps:
-                self._maps[key].flush()
-            elif not in_place or key in self._unsaved or not path.is_file():
-                # (not `changed`: a save into another folder, e.g. a checkpoint, has cleared it meanwhile)
-                save_npy(path, self._maps[key] if key in self._maps else t.cpu().numpy())
-            if in_place:
-                self._unsaved.discard(key)
-        atomic_write_json(dir / MANIFEST, self._manifest())
+        if self.dir is not None and target.resolve() == self.dir.resolve():
+            self.commit()
+            self.publish()
+            return
+        store = BlockStore.create(target, self.spec, self.dtype, state=self.has_state)
+        self._write_records(store, {k: np.arange(self.n_blocks(k)) for k in self.parts()}, checkpoint=False)
+        store.commit(store.generation + 1, self._writes)
+        store.publish()
 
     def __repr__(self) -> str:
         s = self.spec
-        return (f"MemoryBank(ranks={s.ranks}, branching={s.branching}, d={s.d}, layers={s.first_layer}.."
-                f"{s.first_layer + s.n_mem_layers - 1}, dir={self.dir}, mapped={sorted(self._maps)})")
+        return (f"{type(self).__name__}(ranks={s.ranks}, branching={s.branching}, d={s.d}, layers={s.first_layer}.."
+                f"{s.first_layer + s.n_mem_layers - 1}, dtype={self.dtype}, dir={self.dir})")
 
 
-
-def check_format(path: Path, manifest: dict) -> None:
-    """Accept this version and the previous one (hiermem 0.1.0 wrote "hiermem-bank/1" and no version)."""
-    fmt, version = manifest.get("format"), manifest.get("format_version")
-    if fmt == "hiermem-bank/1" and version is None:
-        return
-    if fmt != FORMAT or not isinstance(version, int):
-        raise HiermemError(f"{path}: not a hiermem bank manifest (format {fmt!r})")
-    if version > FORMAT_VERSION:
-        raise HiermemError(f"{path}: bank format version {version} is newer than this hiermem reads "
-                           f"({FORMAT_VERSION}); upgrade hiermem")
+__all__ = ["FORMAT", "FORMAT_VERSION", "GENERIC", "MANIFEST", "MemoryBank", "VERIFY"]

@@ -3,6 +3,7 @@
 fetch() reads each distinct block of the batch once per part (level, or the generic block) and hands the model a
 FetchedMemory (model/fetched.py): the distinct blocks as leaf tensors plus each row's index. After backward the
 leaves' .grad already are the per-block gradients, summed over the rows that share a block (block_grads).
+needed_blocks() names the blocks a fetch will read, so that a bank on disk can read them ahead (prefetch).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Fetch:
     memory: FetchedMemory
     block_ids: dict[str, torch.Tensor]  # per part: the bank's block ids of memory's distinct blocks (cpu int64)
     rows_per_block: dict[str, torch.Tensor]  # per part: how many rows of the batch use each of those blocks
+    nbytes: int  # bytes of the blocks read, as the bank stores them (the bytes fetched)
 
 
 @dataclass
@@ -61,38 +63,63 @@ def check_paths(spec: BankSpec, paths: np.ndarray | torch.Tensor) -> torch.Tenso
     return p
 
 
-def fetch(bank: MemoryBank, paths: np.ndarray | torch.Tensor, use_generic: torch.Tensor | None = None,
-          device: str | torch.device = "cpu", requires_grad: bool = False) -> Fetch:
-    """Each row's root-to-leaf blocks (or the generic block where use_generic is True), as one FetchedMemory:
-    per level the distinct blocks [U_l, n_mem_layers, 3, r_l, d] and each row's index into them."""
-    spec = bank.spec
-    paths = check_paths(spec, paths)
-    B = paths.shape[0]
+def _use_generic(spec: BankSpec, B: int, use_generic: torch.Tensor | None) -> torch.Tensor:
     gen = torch.zeros(B, dtype=torch.bool) if use_generic is None else torch.as_tensor(use_generic).cpu()
     if gen.shape != (B,):
         raise HiermemError(f"use_generic: expected shape [{B}], got {tuple(gen.shape)}")
     gen = gen.bool()
     if gen.any() and not spec.generic:
         raise HiermemError("use_generic: this bank has no generic block (memory.generic is false)")
+    return gen
+
+
+def needed_blocks(spec: BankSpec, paths: np.ndarray | torch.Tensor,
+                  use_generic: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The distinct blocks per part (ascending cpu int64 ids) that fetch() reads for these rows."""
+    paths = check_paths(spec, paths)
+    gen = _use_generic(spec, paths.shape[0], use_generic)
+    out = {key: torch.unique(paths[~gen, level]) for key, level, _, _ in spec.level_parts()}
+    if gen.any():
+        out[GENERIC] = torch.zeros(1, dtype=torch.long)
+    return out
+
+
+def fetch(bank: MemoryBank, paths: np.ndarray | torch.Tensor, use_generic: torch.Tensor | None = None,
+          device: str | torch.device = "cpu", requires_grad: bool = False) -> Fetch:
+    """Each row's root-to-leaf blocks (or the generic block where use_generic is True), as one FetchedMemory:
+    per level the distinct blocks [U_l, n_mem_layers, 3, r_l, d] and each row's index into them.
+
+    requires_grad (training): the blocks are fresh leaf tensors and the bank holds them until the step writes
+    them back; without it a bank on disk may hand out a cached block itself (no copy), for reading only."""
+    spec = bank.spec
+    paths = check_paths(spec, paths)
+    B = paths.shape[0]
+    gen = _use_generic(spec, B, use_generic)
     path_rows, generic_rows = (~gen).nonzero().squeeze(1), gen.nonzero().squeeze(1)
-    out = torch.device(device)
-    parts, block_ids, counts = [], {}, {}
-    for key, level, off, _ in spec.level_parts():
-        uniq, inv, n = torch.unique(paths[path_rows, level], return_inverse=True, return_counts=True)
-        index = torch.full((B,), -1, dtype=torch.int64)
-        index[path_rows] = inv
-        parts.append(MemoryPart(bank.read_blocks(key, uniq).to(out), index, off, key))  # index stays on cpu
-        block_ids[key], counts[key] = uniq, n
+    distinct = {}
+    for key, level, _, _ in spec.level_parts():
+        distinct[key] = torch.unique(paths[path_rows, level], return_inverse=True, return_counts=True)
     if len(generic_rows):
-        index = torch.full((B,), -1, dtype=torch.int64)
-        index[generic_rows] = 0
-        zero = torch.zeros(1, dtype=torch.long)
-        parts.append(MemoryPart(bank.read_blocks(GENERIC, zero).to(out), index, 0, GENERIC))
-        block_ids[GENERIC], counts[GENERIC] = zero, torch.tensor([len(generic_rows)])
+        distinct[GENERIC] = (torch.zeros(1, dtype=torch.long), None, torch.tensor([len(generic_rows)]))
+    if requires_grad:
+        bank.hold({key: uniq for key, (uniq, _, _) in distinct.items()})
+    out = torch.device(device)
+    offsets = {key: off for key, _, off, _ in spec.level_parts()}
+    parts, block_ids, counts, nbytes = [], {}, {}, 0
+    for key, (uniq, inv, n) in distinct.items():
+        index = torch.full((B,), -1, dtype=torch.int64)  # stays on cpu
+        if key == GENERIC:
+            index[generic_rows] = 0
+        else:
+            index[path_rows] = inv
+        weights = bank.read_blocks(key, uniq, copy=requires_grad).to(out)
+        parts.append(MemoryPart(weights, index, offsets.get(key, 0), key))
+        block_ids[key], counts[key] = uniq, n
+        nbytes += len(uniq) * bank.block_bytes(key)
     if requires_grad:
         for p in parts:
             p.weights.requires_grad_(True)
-    return Fetch(FetchedMemory(parts, spec.fetched_rank, spec.first_layer), block_ids, counts)
+    return Fetch(FetchedMemory(parts, spec.fetched_rank, spec.first_layer), block_ids, counts, nbytes)
 
 
 def block_grads(f: Fetch, device: torch.device | str) -> BlockGrads:
@@ -130,4 +157,4 @@ class FetchCounts:
         return [c.copy() for c in self.per_level]
 
 
-__all__ = ["BlockGrads", "Fetch", "FetchCounts", "block_grads", "check_paths", "fetch"]
+__all__ = ["BlockGrads", "Fetch", "FetchCounts", "block_grads", "check_paths", "fetch", "needed_blocks"]

@@ -1,19 +1,26 @@
-"""Checkpoints: anchor weights in safetensors, optimizer and loader state beside them, all written atomically.
+"""Checkpoints: anchor weights in safetensors, optimizer and loader state beside them, committed atomically.
 
 A run directory's run.json names its on-disk format version (RUN_FORMAT_VERSION); a run written before
 versions existed (hiermem 0.1.0, format 1) still loads: its FFN and attention weights had other names
 (w1/w2/w3, wq/wk/wv/wo), which load_weights maps to today's.
 
-Layout of <run>/checkpoint/ (the folder is built under a temp name and renamed into place when complete):
-  model.safetensors   anchor weights (tied weights stored once)
-  optimizer.pt        anchor AdamW state (absent in frozen mode)
-  bank/               memory bank + its lazy AdamW state (memory runs)
-  state.json          step, tokens seen, data-sampler position, elapsed time
+Layout of <run>/checkpoint/ (format 3). Checkpoint g writes its files under names that carry g, then replaces
+state.json, the commit point, atomically; only then are the files of older checkpoints removed. So a crash at
+any instant leaves either the previous checkpoint or the new one, complete, and costs at most the steps since
+the last complete checkpoint (tested by killing a training process inside a checkpoint):
+  model-<g>.safetensors       anchor weights (tied weights stored once)
+  optimizer-<g>.pt            anchor AdamW state (absent in frozen mode)
+  bank-adam-<g>.npz           the lazy AdamW's per-block step counts (memory runs)
+  state.json                  step, tokens seen, data-sampler position, elapsed time, generation g, the file names
+The bank itself (weights and moments) is <run>/bank, a format-3 store (memory/store.py) whose generation g the
+trainer commits before state.json: only the blocks written since checkpoint g-1, never a copy of the bank.
+Formats 1 and 2 kept model.safetensors, optimizer.pt and a full copy of the bank (bank/) in checkpoint/.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,10 +28,14 @@ from safetensors.torch import load_file, save_file
 
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_write_json, atomic_write_with
+from hiermem.memory.files import crash_point
+from hiermem.memory.optim import LazyAdamW
 
 RUN_JSON = "run.json"
 RUN_FORMAT = "hiermem-run"
-RUN_FORMAT_VERSION = 2  # 1: hiermem 0.1.0 (no run.json); 2: run.json, LLaMA/HF layer names, absolute data paths
+RUN_FORMAT_VERSION = 3  # 1: hiermem 0.1.0 (no run.json); 2: run.json, LLaMA/HF layer names, absolute data paths;
+# 3: checkpoint files named by generation, state.json their commit point, the bank a format-3 store in <run>/bank
+STATE_JSON = "state.json"
 _V1_NAMES = {".w1.": ".gate_proj.", ".w2.": ".up_proj.", ".w3.": ".down_proj.", ".wq.": ".q_proj.",
              ".wk.": ".k_proj.", ".wv.": ".v_proj.", ".wo.": ".o_proj."}
 
@@ -89,14 +100,36 @@ def save_torch(obj, path: Path) -> None:
     atomic_write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
+def write_checkpoint(ckpt: Path, generation: int, model: torch.nn.Module,
+                     anchor_opt: torch.optim.Optimizer | None, bank_opt: LazyAdamW | None, state: dict) -> None:
+    """Checkpoint `generation` into ckpt (see the module docstring); the bank's generation is committed first."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    files = {"model": f"model-{generation:06d}.safetensors"}
+    save_weights(model, ckpt / files["model"])
+    if anchor_opt is not None:
+        files["optimizer"] = f"optimizer-{generation:06d}.pt"
+        save_torch(anchor_opt.state_dict(), ckpt / files["optimizer"])
+    if bank_opt is not None:
+        files["bank_optimizer"] = f"bank-adam-{generation:06d}.npz"
+        bank_opt.save(ckpt / files["bank_optimizer"])
+    crash_point("state")
+    atomic_write_json(ckpt / STATE_JSON, {**state, "generation": generation, "files": files})
+    keep = {STATE_JSON, *files.values()}
+    for p in ckpt.iterdir():  # older checkpoints' files, and a format-2 checkpoint's
+        if p.name not in keep and not p.name.startswith("."):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def load_state(ckpt: Path) -> dict:
-    path = ckpt / "state.json"
+    """A checkpoint's state.json: step, tokens_seen, elapsed, sampler, generation, files (format 3)."""
+    path = ckpt / STATE_JSON
     if not path.is_file():
         raise HiermemError(f"{ckpt}: no checkpoint to resume from (missing state.json)")
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-        for key in ("step", "tokens_seen", "elapsed", "sampler"):
+        for key in ("step", "tokens_seen", "elapsed", "sampler", "generation", "files"):
             state[key]
+        state["files"]["model"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise HiermemError(f"{path}: unreadable checkpoint state ({type(e).__name__}: {e})") from None
     return state

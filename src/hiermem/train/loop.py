@@ -4,6 +4,13 @@ Modes (train.mode): anchor (no memory), frozen (anchor fixed, memories learn), c
 train.init_from and the memories both learn — the paper's best), scratch (both from random init).
 Every sequence fetches the blocks on its root-to-leaf path (or, with probability memory.generic_prob, the
 generic block); only fetched blocks get gradients and only they are updated (lazy AdamW).
+
+The bank lives in RAM (default) or, with memory.mmap=true, on disk in <run>/bank behind a block cache of
+memory.cache_bytes, with the blocks of the next memory.prefetch batches read in the background. Either way
+<run>/bank is a format-3 store (memory/store.py) and each checkpoint adds a generation to it holding only the
+blocks written since the previous checkpoint (train/checkpoint.py says what a crash can lose: nothing but the
+steps since the last complete checkpoint). metrics.jsonl reports the bytes fetched per step and, for a bank on
+disk, the bytes read from and written to disk and the cache's hit rate over each logging window.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import json
 import math
 import shutil
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -23,13 +31,14 @@ from hiermem.data.prepare import DataDir
 from hiermem.data.tokenizer import Tokenizer, resolve_vocab
 from hiermem.device import resolve_device
 from hiermem.errors import HiermemError
-from hiermem.io_utils import atomic_dir, atomic_write_json, atomic_write_text
+from hiermem.io_utils import atomic_write_json, atomic_write_text
 from hiermem.memory.bank import MemoryBank
+from hiermem.memory.files import crash_point
 from hiermem.memory.spec import parameter_report, spec_from_config
 from hiermem.model.transformer import Transformer
 from hiermem.routing.clustering import load_clustering
-from hiermem.train.checkpoint import (load_state, load_weights, read_run_format, save_torch, save_weights,
-                                      write_run_format)
+from hiermem.train.checkpoint import (RUN_FORMAT_VERSION, load_state, load_weights, read_run_format, save_weights,
+                                      write_checkpoint, write_run_format)
 from hiermem.train.step import TrainStep, anchor_optimizer, bank_optimizer
 
 
@@ -46,7 +55,10 @@ def _check_run_dir(cfg: Config, resume: bool) -> None:
     if resume:
         if not (run_dir / "checkpoint" / "state.json").is_file():
             raise HiermemError(f"{run_dir}: nothing to resume (no checkpoint/state.json)")
-        read_run_format(run_dir)  # a run written by a newer hiermem is refused, not rewritten
+        version = read_run_format(run_dir)  # a run written by a newer hiermem is refused, not rewritten
+        if version < RUN_FORMAT_VERSION:
+            raise HiermemError(f"{run_dir}: a run of format {version} cannot be resumed by this hiermem (its "
+                               f"checkpoint layout is format {RUN_FORMAT_VERSION}); it still evaluates")
         if (run_dir / "train_summary.json").is_file():
             raise HiermemError(f"{run_dir}: this run is finished (train_summary.json); nothing to resume")
         # format 1 saved relative paths: compare both sides resolved
@@ -55,6 +67,9 @@ def _check_run_dir(cfg: Config, resume: bool) -> None:
             raise HiermemError(f"{saved}: this run was made by another config: {'; '.join(diffs)}")
     elif (run_dir / "checkpoint").exists() or (run_dir / "anchor.safetensors").exists():
         raise HiermemError(f"{run_dir}: run directory already holds a run (use --resume, or another train.run_dir)")
+    elif (run_dir / "bank").exists():
+        raise HiermemError(f"{run_dir / 'bank'}: a bank without a checkpoint (a run stopped before its first "
+                           "checkpoint?); remove it or use another train.run_dir")
 
 
 def _init_from(cfg: Config, model: Transformer, tok: Tokenizer) -> Path | None:
@@ -101,15 +116,15 @@ class Trainer:
         self.opt = None if t.mode == "frozen" else anchor_optimizer(self.model, cfg, self.device)
 
         self.bank = self.bank_opt = None
+        self.generation = 0  # of the last checkpoint (and of the bank's store in <run>/bank)
         if cfg.uses_memory and not resume:  # on resume, _load_checkpoint opens the checkpoint's bank
-            spec = spec_from_config(cfg)
+            m = cfg.memory
             src_bank = init_src / "bank" if init_src is not None else None
-            if src_bank is not None and (src_bank / "manifest.json").is_file():
-                self.bank = MemoryBank.load(src_bank, mmap=False)
-                self.bank.check_compatible(spec)
-            else:
-                bank_dir = cfg.run_dir / "bank" if cfg.memory.mmap else None
-                self.bank = MemoryBank.create(spec, seed=t.seed, dir=bank_dir)
+            source = (MemoryBank.load(src_bank, mmap=True, writable=False, cache_bytes=m.cache_bytes)
+                      if src_bank is not None and (src_bank / "manifest.json").is_file() else None)
+            self.bank = MemoryBank.create(spec_from_config(cfg), seed=t.seed, weights_from=source,
+                                          dir=cfg.run_dir / "bank" if m.mmap else None, dtype=m.dtype,
+                                          cache_bytes=m.cache_bytes, prefetch=m.prefetch > 0)
             self._place_bank()
             self.bank_opt = bank_optimizer(self.bank, cfg)
 
@@ -128,8 +143,8 @@ class Trainer:
 
     def _place_bank(self) -> None:
         """On CUDA an in-RAM bank (and so its optimizer state) moves to the GPU: fetch is then a device gather
-        and the lazy AdamW runs there. A memory-mapped bank stays in host memory, its blocks copied per step."""
-        if self.device.type == "cuda" and not any(self.bank.is_mapped(k) for k in self.bank.parts()):
+        and the lazy AdamW runs there. A bank on disk stays in host memory, its blocks copied per step."""
+        if self.device.type == "cuda" and not self.bank.on_disk:
             self.bank.to(self.device)
 
     def advance(self, indices) -> dict:
@@ -144,36 +159,36 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        run = self.cfg.run_dir
-        with atomic_dir(run / "checkpoint") as tmp:
-            save_weights(self.model, tmp / "model.safetensors")
-            if self.opt is not None:
-                save_torch(self.opt.state_dict(), tmp / "optimizer.pt")
-            if self.bank is not None:
-                self.bank.save(tmp / "bank")
-                self.bank_opt.save(tmp / "bank")
-            atomic_write_json(tmp / "state.json", {
-                "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                "total_steps": self.steps, "sampler": self.sampler.state_dict()})
+        """Checkpoint generation g: the bank's generation g (its blocks written since g-1) in <run>/bank, then the
+        checkpoint's files and its state.json (the commit point), then the bank's manifest.json."""
+        crash_point("checkpoint")
+        g = self.generation + 1
+        if self.bank is not None:
+            self.bank.commit(self.cfg.run_dir / "bank", generation=g)
+        write_checkpoint(self.cfg.run_dir / "checkpoint", g, self.model, self.opt, self.bank_opt, {
+            "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
+            "total_steps": self.steps, "sampler": self.sampler.state_dict()})
+        self.generation = g
+        if self.bank is not None:
+            crash_point("publish")
+            self.bank.publish()
 
     def _load_checkpoint(self) -> None:
         ckpt = self.cfg.run_dir / "checkpoint"
         state = load_state(ckpt)
-        load_weights(self.model, ckpt / "model.safetensors")
+        load_weights(self.model, ckpt / state["files"]["model"])
         if self.opt is not None:
-            self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            self.opt.load_state_dict(torch.load(ckpt / state["files"]["optimizer"], weights_only=True))
+        self.generation = state["generation"]
         if self.cfg.uses_memory:
             m = self.cfg.memory
-            if m.mmap:  # the working bank lives in <run>/bank: reset it to the checkpoint's, chunk by chunk
-                work = self.cfg.run_dir / "bank"
-                MemoryBank.load(ckpt / "bank", mmap=True, cache_levels=0, writable=False).save(work)
-                self.bank = MemoryBank.load(work, mmap=True, cache_levels=m.cache_levels)
-            else:
-                self.bank = MemoryBank.load(ckpt / "bank", mmap=False)
-                self._place_bank()
+            self.bank = MemoryBank.load(self.cfg.run_dir / "bank", mmap=m.mmap, generation=self.generation,
+                                        cache_bytes=m.cache_bytes, prefetch=m.prefetch > 0)
             self.bank.check_compatible(spec_from_config(self.cfg))
+            self.bank.publish()  # a crash may have come between the checkpoint's commit and this
+            self._place_bank()
             self.bank_opt = bank_optimizer(self.bank, self.cfg)
-            self.bank_opt.load(ckpt / "bank")
+            self.bank_opt.load(ckpt / state["files"]["bank_optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
         self._truncate_metrics()
@@ -193,10 +208,28 @@ class Trainer:
         atomic_write_text(path, "".join(keep))
 
     def save_final(self) -> None:
-        run = self.cfg.run_dir
-        save_weights(self.model, run / "anchor.safetensors", metadata={"step": str(self.step)})
-        if self.bank is not None:
-            self.bank.save(run / "bank")
+        """The anchor; the bank is <run>/bank as the last checkpoint published it."""
+        save_weights(self.model, self.cfg.run_dir / "anchor.safetensors", metadata={"step": str(self.step)})
+
+    def _prefetcher(self):
+        """A function to call before each step: it asks the bank for the blocks of the batch memory.prefetch
+        steps ahead (a second sampler, in step with the first, knows it; the first one is not moved)."""
+        ahead = self.cfg.memory.prefetch if self.bank is not None and self.bank.on_disk else 0
+        if not ahead:
+            return lambda: None
+        sampler = BatchSampler(self.sampler.n, self.sampler.batch_size, seed=self.sampler.seed)
+        sampler.load_state_dict(self.sampler.state_dict())
+        upcoming, queued = iter(sampler), deque()
+
+        def prefetch() -> None:
+            while len(queued) <= ahead:  # the current step's batch and the next `ahead` ones
+                step = self.step + len(queued)
+                paths = torch.from_numpy(self.dataset.paths[next(upcoming)].astype("int64"))
+                self.train_step.prefetch(paths, step)
+                queued.append(step)
+            queued.popleft()
+
+        return prefetch
 
     # -- the loop --------------------------------------------------------------------------------------
     def run(self, stop_at: int | None = None) -> dict:
@@ -210,9 +243,12 @@ class Trainer:
         window_tokens, window_start, last = 0, time.perf_counter(), {}
         counts = self.train_step.counts
         fetched_before = counts.snapshot() if counts is not None else None
+        io_before = self.bank.io_stats() if self.bank is not None else {}
+        prefetch = self._prefetcher()
         with open(metrics_path, "a", encoding="utf-8") as metrics:
             while self.step < end:
                 t0 = time.perf_counter()
+                prefetch()
                 out = self.advance(next(batches))
                 self.elapsed += time.perf_counter() - t0
                 window_tokens += out["tokens"]
@@ -228,6 +264,10 @@ class Trainer:
                         now = counts.snapshot()
                         rec["distinct_fetched"] = [int(((n - b) > 0).sum()) for n, b in zip(now, fetched_before)]
                         fetched_before = now
+                    if io_before:  # a bank on disk: its traffic over the window
+                        io = self.bank.io_stats()
+                        rec.update(io_window(io_before, io))
+                        io_before = io
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     window_tokens, window_start = 0, time.perf_counter()
@@ -243,6 +283,14 @@ class Trainer:
         if self.step >= self.steps:
             atomic_write_json(cfg.run_dir / "train_summary.json", summary)
         return summary
+
+
+def io_window(before: dict, now: dict) -> dict:
+    """A bank on disk's traffic between two io_stats() snapshots, as metrics."""
+    hits, misses = now["hits"] - before["hits"], now["misses"] - before["misses"]
+    return {"disk_read_bytes": now["read_bytes"] - before["read_bytes"],
+            "disk_write_bytes": now["written_bytes"] - before["written_bytes"],
+            "cache_hit_rate": hits / max(1, hits + misses), "cache_resident_bytes": now["resident_bytes"]}
 
 
 def as_numbers(out: dict) -> dict:

@@ -7,7 +7,8 @@
 
 Nothing here reads files or logs: the loop (train/loop.py) feeds batches and writes metrics, the benchmark feeds
 synthetic batches. The step returns tensors; converting them to Python numbers (a host sync) is the caller's
-choice, made only when it logs.
+choice, made only when it logs. A caller that knows its next batches passes their paths to prefetch(), so that a
+bank on disk reads their blocks in the background while this step computes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from hiermem.config import Config
 from hiermem.errors import HiermemError
 from hiermem.memory.bank import MemoryBank
-from hiermem.memory.fetch import FetchCounts, block_grads, fetch
+from hiermem.memory.fetch import FetchCounts, block_grads, fetch, needed_blocks
 from hiermem.memory.optim import LazyAdamW
 from hiermem.model.transformer import Transformer
 from hiermem.train.schedule import warmup_cosine
@@ -57,7 +58,7 @@ def generic_draw(cfg: Config, step: int, batch: int) -> torch.Tensor:
 class TrainStep:
     """The step for one model (+ bank). Call it with a batch on the CPU (input_ids, targets, positions,
     segment_ids, and paths for memory runs) and the 0-based step number; it returns a dict of tensors
-    (loss, grad_norm, lr, and for memory runs lr_memory, blocks_updated, generic_frac)."""
+    (loss, grad_norm, lr, and for memory runs lr_memory, blocks_updated, generic_frac, fetched_bytes)."""
 
     def __init__(self, cfg: Config, model: Transformer, device: torch.device, total_steps: int,
                  anchor_opt: torch.optim.Optimizer | None, bank: MemoryBank | None = None,
@@ -73,6 +74,12 @@ class TrainStep:
         if cfg.train.compile:  # per block, as torchtitan does: the memory branch traces without a graph break
             for block in model.blocks:
                 block.compile()
+
+    def prefetch(self, paths: torch.Tensor, step: int) -> None:
+        """Start reading the blocks that step `step` will fetch for a batch with these paths."""
+        if self.bank is not None:
+            use_generic = generic_draw(self.cfg, step, len(paths))
+            self.bank.prefetch(needed_blocks(self.bank.spec, paths, use_generic))
 
     def __call__(self, batch: dict[str, torch.Tensor], step: int) -> dict:
         cfg, t, m = self.cfg, self.cfg.train, self.cfg.memory
@@ -122,7 +129,7 @@ class TrainStep:
         if bg is not None:
             lr_mem = warmup_cosine(step, self.total_steps, m.lr, m.lr_min, m.warmup_steps)
             out.update(lr_memory=lr_mem, blocks_updated=self.bank_opt.step(bg, lr_mem),
-                       generic_frac=float(use_generic.float().mean()))
+                       generic_frac=float(use_generic.float().mean()), fetched_bytes=f.nbytes)
         return out
 
 
