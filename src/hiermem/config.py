@@ -155,6 +155,13 @@ class TrainConfig:
     log_every: int = setting(10, "optimizer steps between metrics lines", min=1)
     ckpt_every: int = setting(0, "optimizer steps between checkpoints; 0 = only at the end", min=0)
     compile: bool = setting(False, "torch.compile each transformer block")
+    parallel: str = setting("ddp", "anchor parallelism under torchrun: ddp (replicated) | fsdp (fully_shard, for "
+                            "anchors too large to replicate)", choices=("ddp", "fsdp"))
+    dist_timeout_s: int = setting(300, "seconds a collective waits for the other processes before the job "
+                                  "stops with an error", min=1)
+    data_shards: int = setting(0, "memory runs: 0 = one data shard per process; N on one process trains on the "
+                               "union of the batches N processes would see (a reference for a multi-process run)",
+                               min=0)
 
 
 @dataclass

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import importlib
 
-# name -> "module" (its run()) or "module:function"; later suites (serve, chaos, distributed) join here
-SUITES = {"train": "hiermem.bench.train_throughput", "scale": "hiermem.bench.bank_scale", "fetch": "hiermem.bench.bank_scale:run_fetch"}
+# name -> "module" (its run()) or "module:function"; later suites (serve, chaos) join here
+SUITES = {"train": "hiermem.bench.train_throughput", "scale": "hiermem.bench.bank_scale",
+          "fetch": "hiermem.bench.bank_scale:run_fetch", "distributed": "hiermem.bench.distributed"}
 
 
 def run_suite(name: str, out: str, quick: bool = False, **options) -> dict:

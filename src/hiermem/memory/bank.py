@@ -294,10 +294,11 @@ class MemoryBank:
             return s
         return None
 
-    def commit(self, dir: str | Path | None = None, generation: int | None = None) -> int:
+    def commit(self, dir: str | Path | None = None, generation: int | None = None, gather=None) -> int:
         """Add a generation to the store in dir (default: the bank's own folder), unpublished, and return its
         number: the blocks written since the last commit there, or every block when dir is another folder,
-        which then becomes the bank's own. The caller commits its own state, then calls publish()."""
+        which then becomes the bank's own. The caller commits its own state, then calls publish().
+        gather: the collective of a bank sharded over ranks (BlockStore.commit); its own store only."""
         if not self.writable:
             raise HiermemError(f"{self.dir}: bank was opened read-only")
         target = Path(dir) if dir is not None else self.dir
@@ -305,13 +306,15 @@ class MemoryBank:
             raise ValueError("commit: this bank has no folder; pass one")
         store = self._own_store(target)
         if store is None:
+            if gather is not None:
+                raise ValueError("commit: a sharded bank commits into the store it was loaded from")
             store = BlockStore.create(target, self.spec, self.dtype, state=self.has_state)
             blocks = {k: np.arange(self.n_blocks(k)) for k in self.parts()}
         else:
             blocks = {k: np.flatnonzero(self._dirty[k]) for k in self.parts()}
         self._write_records(store, blocks, checkpoint=True)
         generation = store.generation + 1 if generation is None else generation
-        store.commit(generation, self._writes)
+        store.commit(generation, self._writes, gather)
         self.store, self.dir = store, target
         for d in self._dirty.values():
             d[:] = False

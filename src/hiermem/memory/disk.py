@@ -155,7 +155,7 @@ class DiskBank(MemoryBank):
     def _records(self, key: str, ids: np.ndarray) -> np.ndarray:
         return np.stack(self.cache.get(key, ids))
 
-    def commit(self, dir: str | Path | None = None, generation: int | None = None) -> int:
+    def commit(self, dir: str | Path | None = None, generation: int | None = None, gather=None) -> int:
         """Write every dirty cached block back and add a generation to the bank's store (unpublished)."""
         if not self.writable:
             raise HiermemError(f"{self.dir}: bank was opened read-only")
@@ -165,5 +165,5 @@ class DiskBank(MemoryBank):
             self.prefetcher.drain()
         self.cache.flush(before_each=lambda: crash_point("block"))
         generation = self.store.generation + 1 if generation is None else generation
-        self.store.commit(generation, self._writes)
+        self.store.commit(generation, self._writes, gather)
         return generation

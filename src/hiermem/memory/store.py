@@ -17,6 +17,14 @@ manifest.json (what a reader opens by default) and deletes the tables and manife
 So a checkpoint costs the blocks written since the previous one plus one table, never a copy of the bank, and
 disk use stays at most twice the bank (both slots of every block written since the store was created).
 
+A bank sharded over the ranks of a job (memory/shard.py) is one store in one folder: every rank opens it and
+writes the records of the blocks it updates (its own subtrees', and the shared blocks, whose replicas hold the
+same bytes) into their slots, each block always by the same ranks, so no two ranks ever write different bytes
+to one place. commit(g, gather=...) then fsyncs each rank's writes and gathers the table rows of the blocks it
+wrote onto rank 0, which alone writes the merged table-<g>.npz and gen-<g>.json; the trainer's state.json and
+publish() stay rank 0's, after every rank's rows have arrived. The layout is the one a single process writes,
+so a checkpoint loads, re-shards and evaluates the same at any world size.
+
 Formats 1 and 2 (hiermem 0.1.x: one float32 level<l>.npy per part, a crc32 per block in manifest.json) open
 read-only; saving such a bank writes a format-3 store beside the old files, which publish() then removes.
 """
@@ -253,6 +261,7 @@ class BlockStore(_Reader):
                     raise HiermemError(f"{file}: missing ({path})")
                 self._fds[(key, s)] = _open_fd(self, file, flags)
         self._written: set[int] = set()  # fds written since the last commit, fsynced by the next
+        self._pending = {k: np.zeros(lay.n_blocks, bool) for k, lay in self.layouts.items()}  # written since
         self._obsolete: list[Path] = []  # a format-1/2 bank's files, removed once this store is published
 
     @staticmethod
@@ -324,12 +333,16 @@ class BlockStore(_Reader):
         if not weights_only:
             self.crc_s[key][i] = crc32(record[wb:])
         self.slot[key][i] = target
+        self._pending[key][i] = True
         if key in self._fresh:
             self._fresh[key][i] = False
         self._written.add(fd)
 
-    def commit(self, generation: int, writes: dict[str, np.ndarray]) -> None:
-        """Make what was written so far generation `generation` (> the current one) on disk, unpublished."""
+    def commit(self, generation: int, writes: dict[str, np.ndarray], gather=None) -> None:
+        """Make what was written so far generation `generation` (> the current one) on disk, unpublished.
+
+        gather (a sharded bank, see the module docstring): a collective that returns every rank's argument on
+        rank 0 (a list, in rank order) and None on the others; rank 0 then writes the merged table."""
         if not self.writable:
             raise HiermemError(f"{self.dir}: bank was opened read-only")
         if generation <= self.generation:
@@ -337,10 +350,24 @@ class BlockStore(_Reader):
         for fd in self._written:
             os.fsync(fd)
         self._written.clear()
+        writes = {k: np.array(w, np.int64) for k, w in writes.items()}
+        if gather is not None:
+            rows = {}
+            for key, pending in self._pending.items():
+                ids = np.flatnonzero(pending)
+                rows[key] = (ids, self.slot[key][ids], self.crc_w[key][ids], self.crc_s[key][ids], writes[key][ids])
+            everyone = gather(rows)
+            if everyone is None:  # another rank writes the table
+                self._committed(dict(self._manifest, generation=generation), generation)
+                return
+            for theirs in everyone:
+                for key, (ids, slot, crc_w, crc_s, w) in theirs.items():
+                    self.slot[key][ids], self.crc_w[key][ids], self.crc_s[key][ids] = slot, crc_w, crc_s
+                    writes[key][ids] = w
         arrays = {}
         for key in self.layouts:
             arrays.update({f"{key}.slot": self.slot[key], f"{key}.crc_w": self.crc_w[key],
-                           f"{key}.crc_s": self.crc_s[key], f"{key}.writes": np.asarray(writes[key], np.int64)})
+                           f"{key}.crc_s": self.crc_s[key], f"{key}.writes": writes[key]})
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         data = buf.getvalue()
@@ -349,8 +376,13 @@ class BlockStore(_Reader):
         man = dict(self._manifest, generation=generation,
                    table={"file": table_name(generation), "crc32": crc32(np.frombuffer(data, np.uint8))})
         atomic_write_json(self.dir / gen_name(generation), man)
+        self._committed(man, generation)
+
+    def _committed(self, man: dict, generation: int) -> None:
         self._manifest, self.generation, self._fresh = man, generation, {}
         self.committed = {k: s.copy() for k, s in self.slot.items()}
+        for p in self._pending.values():
+            p[:] = False
 
     def publish(self) -> None:
         """manifest.json := the current generation; the tables and manifests of other generations are removed."""

@@ -11,7 +11,11 @@ the last complete checkpoint (tested by killing a training process inside a chec
   model-<g>.safetensors       anchor weights (tied weights stored once)
   optimizer-<g>.pt            anchor AdamW state (absent in frozen mode)
   bank-adam-<g>.npz           the lazy AdamW's per-block step counts (memory runs)
-  state.json                  step, tokens seen, data-sampler position, elapsed time, generation g, the file names
+  state.json                  step, tokens seen, data-sampler position, elapsed time, generation g, the file names,
+                              the world size that wrote it and whether the optimizer's state is keyed by name
+A job of several processes (train/parallel.py) writes the same layout: the anchor once (rank 0, gathered first
+under FSDP2, whose optimizer state is then saved keyed by parameter name), the bank by every rank into the one
+store, then state.json by rank 0 once every rank's bank rows arrived: any world size resumes it.
 The bank itself (weights and moments) is <run>/bank, a format-3 store (memory/store.py) whose generation g the
 trainer commits before state.json: only the blocks written since checkpoint g-1, never a copy of the bank.
 Formats 1 and 2 kept model.safetensors, optimizer.pt and a full copy of the bank (bank/) in checkpoint/.
@@ -72,8 +76,12 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    atomic_write_with(path, lambda tmp: save_file(model_state(model), str(tmp), metadata=metadata))
+def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """A model's weights, or a state dict already gathered (an FSDP2 anchor's full weights, tied ones once)."""
+    state = model if isinstance(model, dict) else model_state(model)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write_with(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -100,15 +108,16 @@ def save_torch(obj, path: Path) -> None:
     atomic_write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
-def write_checkpoint(ckpt: Path, generation: int, model: torch.nn.Module,
-                     anchor_opt: torch.optim.Optimizer | None, bank_opt: LazyAdamW | None, state: dict) -> None:
-    """Checkpoint `generation` into ckpt (see the module docstring); the bank's generation is committed first."""
+def write_checkpoint(ckpt: Path, generation: int, model: torch.nn.Module | dict[str, torch.Tensor],
+                     anchor_opt: torch.optim.Optimizer | dict | None, bank_opt: LazyAdamW | None, state: dict) -> None:
+    """Checkpoint `generation` into ckpt (see the module docstring); the bank's generation is committed first.
+    model and anchor_opt may be given as state dicts already gathered from the ranks of a job."""
     ckpt.mkdir(parents=True, exist_ok=True)
     files = {"model": f"model-{generation:06d}.safetensors"}
     save_weights(model, ckpt / files["model"])
     if anchor_opt is not None:
         files["optimizer"] = f"optimizer-{generation:06d}.pt"
-        save_torch(anchor_opt.state_dict(), ckpt / files["optimizer"])
+        save_torch(anchor_opt if isinstance(anchor_opt, dict) else anchor_opt.state_dict(), ckpt / files["optimizer"])
     if bank_opt is not None:
         files["bank_optimizer"] = f"bank-adam-{generation:06d}.npz"
         bank_opt.save(ckpt / files["bank_optimizer"])

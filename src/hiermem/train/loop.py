@@ -11,10 +11,18 @@ memory.cache_bytes, with the blocks of the next memory.prefetch batches read in 
 blocks written since the previous checkpoint (train/checkpoint.py says what a crash can lose: nothing but the
 steps since the last complete checkpoint). metrics.jsonl reports the bytes fetched per step and, for a bank on
 disk, the bytes read from and written to disk and the cache's hit rate over each logging window.
+
+Under torchrun (train/parallel.py) every process runs this loop on its share of each global batch: the anchor
+is wrapped in DDP or FSDP2; in memory runs each rank trains on the sequences of the subtrees it owns
+(data/sharding.py) and updates only their blocks, the blocks several ranks share being reduced among them
+(memory/shard.py). The global batch (train.batch_size x train.grad_accum sequences) does not depend on the
+world size, so neither do the schedule nor a checkpoint: a run resumes at any world size. Rank 0 alone writes
+the progress bar, metrics.jsonl and the run's files; the bank is written by every rank (memory/store.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -22,23 +30,29 @@ import time
 from collections import deque
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from hiermem.config import Config, check_training, diff_fields, read_config, resolve_paths, save_config, to_dict
-from hiermem.data.packing import BatchSampler
+from hiermem.data.packing import PAD_SEGMENT, BatchSampler
 from hiermem.data.prepare import DataDir
+from hiermem.data.sharding import ShardedSampler, plan_shards, rank_pools
 from hiermem.data.tokenizer import Tokenizer, resolve_vocab
 from hiermem.device import resolve_device
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_write_json, atomic_write_text
 from hiermem.memory.bank import MemoryBank
 from hiermem.memory.files import crash_point
+from hiermem.memory.shard import ShardReducer
+from hiermem.memory.spec import GENERIC
 from hiermem.memory.spec import parameter_report, spec_from_config
 from hiermem.model.transformer import Transformer
 from hiermem.routing.clustering import load_clustering
 from hiermem.train.checkpoint import (RUN_FORMAT_VERSION, load_state, load_weights, read_run_format, save_weights,
                                       write_checkpoint, write_run_format)
+from hiermem.train.parallel import (collective_errors, full_model_state, full_optimizer_state, init_world,
+                                    is_sharded, load_optimizer_state, wrap_anchor)
 from hiermem.train.step import TrainStep, anchor_optimizer, bank_optimizer
 
 
@@ -47,6 +61,9 @@ def total_steps(cfg: Config, n_sequences: int) -> int:
         return cfg.train.max_steps
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     return max(1, math.ceil(cfg.train.epochs * n_sequences / per_step))
+
+
+RESUME_FREE = ("parallel", "dist_timeout_s", "data_shards")  # train.* keys a resumed run may change
 
 
 def _check_run_dir(cfg: Config, resume: bool) -> None:
@@ -61,8 +78,11 @@ def _check_run_dir(cfg: Config, resume: bool) -> None:
                                f"checkpoint layout is format {RUN_FORMAT_VERSION}); it still evaluates")
         if (run_dir / "train_summary.json").is_file():
             raise HiermemError(f"{run_dir}: this run is finished (train_summary.json); nothing to resume")
-        # format 1 saved relative paths: compare both sides resolved
-        diffs = diff_fields(to_dict(resolve_paths(read_config(saved))), to_dict(cfg))
+        # format 1 saved relative paths: compare both sides resolved; how the run is spread over processes
+        # (RESUME_FREE) does not change what it computes, so a run resumes at another world size
+        before = to_dict(resolve_paths(read_config(saved)))
+        before["train"].update({k: getattr(cfg.train, k) for k in RESUME_FREE})
+        diffs = diff_fields(before, to_dict(cfg))
         if diffs:
             raise HiermemError(f"{saved}: this run was made by another config: {'; '.join(diffs)}")
     elif (run_dir / "checkpoint").exists() or (run_dir / "anchor.safetensors").exists():
@@ -91,16 +111,25 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
         check_training(cfg)  # the train.mode / train.init_from rules
         cfg = resolve_paths(cfg)  # the saved config names absolute paths: the run loads from anywhere
-        self.cfg, self.progress = cfg, progress
+        self.cfg = cfg
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
+        device = resolve_device(t.device)
+        self.world = init_world(device, t.dist_timeout_s)
+        self.device = self.world.device(device)
+        self.progress = progress and self.world.is_main
+        with collective_errors(self.world, t.dist_timeout_s):
+            self._setup(resume)
+
+    def _setup(self, resume: bool) -> None:
+        cfg, t, world = self.cfg, self.cfg.train, self.world
         self.data = DataDir(cfg.data_dir)
         self.data.check(cfg)
         tok = self.data.tokenizer()
         resolve_vocab(cfg, tok)  # before comparing with a saved config, which holds the resolved size
         _check_run_dir(cfg, resume)
-        self.device = resolve_device(t.device)
+        world.barrier()  # every rank has checked the run directory before rank 0 writes into it
         torch.manual_seed(t.seed)
 
         self.clustering = load_clustering(self.data, cfg, required=True) if cfg.pack_by_leaf else None
@@ -113,33 +142,103 @@ class Trainer:
         init_src = _init_from(cfg, self.model, tok)
         if t.mode == "frozen":
             self.model.requires_grad_(False)
+        state = load_state(cfg.run_dir / "checkpoint") if resume else None
+        if state is not None:
+            load_weights(self.model, cfg.run_dir / "checkpoint" / state["files"]["model"])
+        self.module = wrap_anchor(self.model, world, t.parallel)  # after loading: FSDP2 shards in place
         self.opt = None if t.mode == "frozen" else anchor_optimizer(self.model, cfg, self.device)
 
         self.bank = self.bank_opt = None
         self.generation = 0  # of the last checkpoint (and of the bank's store in <run>/bank)
         if cfg.uses_memory and not resume:  # on resume, _load_checkpoint opens the checkpoint's bank
-            m = cfg.memory
-            src_bank = init_src / "bank" if init_src is not None else None
-            source = (MemoryBank.load(src_bank, mmap=True, writable=False, cache_bytes=m.cache_bytes)
-                      if src_bank is not None and (src_bank / "manifest.json").is_file() else None)
-            self.bank = MemoryBank.create(spec_from_config(cfg), seed=t.seed, weights_from=source,
-                                          dir=cfg.run_dir / "bank" if m.mmap else None, dtype=m.dtype,
-                                          cache_bytes=m.cache_bytes, prefetch=m.prefetch > 0)
-            self._place_bank()
-            self.bank_opt = bank_optimizer(self.bank, cfg)
+            if world.distributed:
+                self._shared_bank(init_src)
+            else:
+                self.bank = self._new_bank(init_src, dir=cfg.run_dir / "bank" if cfg.memory.mmap else None)
+                self._place_bank()
+                self.bank_opt = bank_optimizer(self.bank, cfg)
 
         self.steps = total_steps(cfg, len(self.dataset))
-        self.sampler = BatchSampler(len(self.dataset), t.batch_size * t.grad_accum, seed=t.seed)
+        per_step = t.batch_size * t.grad_accum
+        self.sampler = BatchSampler(len(self.dataset), per_step, seed=t.seed)
+        self.shards = self._shard_plan(per_step)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        self._unsynced_tokens = 0  # this rank's target tokens not yet added to tokens_seen (summed over ranks)
         if resume:
-            self._load_checkpoint()
-        self.train_step = TrainStep(cfg, self.model, self.device, self.steps, self.opt, self.bank, self.bank_opt)
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_format(cfg.run_dir)
-        save_config(cfg, cfg.run_dir / "config.yaml")
-        shutil.copyfile(self.data.path / "tokenizer.json", cfg.run_dir / "tokenizer.json")
-        if cfg.uses_memory:
-            self.clustering.tree.save(cfg.run_dir / "tree.npz")
+            self._load_checkpoint(state)
+        self.reducer = None
+        if self.bank is not None and world.distributed:
+            sharers = {f"level{l}": self.shards[0].sharers(l) for _, l, _, _ in self.bank.spec.level_parts()}
+            if self.bank.spec.generic:
+                sharers[GENERIC] = {0: tuple(range(world.size))}
+            comm = self.device if self.device.type == "cuda" else torch.device("cpu")
+            self.reducer = ShardReducer(self.bank.spec, sharers, world.rank, world.size, comm, world.comm_bytes)
+        self.train_step = TrainStep(cfg, self.model, self.device, self.steps, self.opt, self.bank, self.bank_opt,
+                                    world=world, module=self.module, reducer=self.reducer)
+        if world.is_main:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_format(cfg.run_dir)
+            save_config(cfg, cfg.run_dir / "config.yaml")
+            shutil.copyfile(self.data.path / "tokenizer.json", cfg.run_dir / "tokenizer.json")
+            if cfg.uses_memory:
+                self.clustering.tree.save(cfg.run_dir / "tree.npz")
+
+    def _new_bank(self, init_src: Path | None, dir: Path | None) -> MemoryBank:
+        m = self.cfg.memory
+        src_bank = init_src / "bank" if init_src is not None else None
+        source = (MemoryBank.load(src_bank, mmap=True, writable=False, cache_bytes=m.cache_bytes)
+                  if src_bank is not None and (src_bank / "manifest.json").is_file() else None)
+        return MemoryBank.create(spec_from_config(self.cfg), seed=self.cfg.train.seed, weights_from=source, dir=dir,
+                                 dtype=m.dtype, cache_bytes=m.cache_bytes, prefetch=m.prefetch > 0)
+
+    def _shared_bank(self, init_src: Path | None) -> None:
+        """A job's bank: rank 0 makes it as generation 0 of <run>/bank, then every rank opens that store (the
+        one its checkpoints extend, memory/store.py)."""
+        cfg, m = self.cfg, self.cfg.memory
+        bank_dir = cfg.run_dir / "bank"
+        if self.world.is_main:
+            bank_dir.parent.mkdir(parents=True, exist_ok=True)
+            bank = self._new_bank(init_src, dir=bank_dir if m.mmap else None)
+            if not m.mmap:
+                bank_optimizer(bank, cfg)  # moments (zeros), so that the store holds optimizer state
+                bank.commit(bank_dir, generation=0)
+                bank.publish()
+            del bank
+        self.world.barrier()
+        self.bank = MemoryBank.load(bank_dir, mmap=m.mmap, generation=0, cache_bytes=m.cache_bytes,
+                                    prefetch=m.prefetch > 0)
+        self._place_bank()
+        self.bank_opt = bank_optimizer(self.bank, cfg)
+
+    def _shard_plan(self, per_step: int):
+        """(plan, sampler) when a memory run is split into data shards (several ranks, or train.data_shards on
+        one process), else None: one process, or an anchor-only run (whose ranks split each global batch)."""
+        world, t = self.world, self.cfg.train
+        if not self.cfg.uses_memory or (not world.distributed and t.data_shards <= 1):
+            return None
+        n = t.data_shards or world.size
+        if world.distributed and n != world.size:
+            raise HiermemError(f"config: train.data_shards={n} on a job of {world.size} processes (0, or the "
+                               "world size)")
+        if per_step % n:
+            raise HiermemError(f"config: the global batch (train.batch_size x train.grad_accum = {per_step}) "
+                               f"must divide evenly over {n} data shards")
+        paths = np.asarray(self.dataset.paths)
+        tokens = (np.asarray(self.dataset.segments) != PAD_SEGMENT).sum(axis=1)
+        plan = plan_shards(paths, tokens, n)
+        sampler = ShardedSampler(rank_pools(plan, paths[:, plan.level]), per_step // n, seed=t.seed)
+        return plan, sampler
+
+    def _indices(self, batches, step: int) -> np.ndarray:
+        """This process's sequences of step `step`: the plain sampler's batch on one process, its share on a
+        rank of an anchor-only job, its own shard's batch (or the union of all shards') in a memory run."""
+        if self.shards is not None:
+            sampler = self.shards[1]
+            return sampler.batch(step, self.world.rank) if self.world.distributed else sampler.union(step)
+        batch = next(batches)
+        if self.world.distributed:
+            return np.array_split(batch, self.world.size)[self.world.rank]
+        return batch
 
     def _place_bank(self) -> None:
         """On CUDA an in-RAM bank (and so its optimizer state) moves to the GPU: fetch is then a device gather
@@ -154,44 +253,85 @@ class Trainer:
         tokens = int((batch["targets"] != -100).sum())
         out = self.train_step(batch, self.step)
         self.step += 1
-        self.tokens_seen += tokens
+        if self.world.distributed:
+            self._unsynced_tokens += tokens
+        else:
+            self.tokens_seen += tokens
         return {**out, "tokens": tokens}
+
+    def _sync_tokens(self) -> None:
+        """tokens_seen += the target tokens every rank trained on since the last call (a collective)."""
+        if self.world.distributed:
+            self.tokens_seen += self.world.sum_int(self._unsynced_tokens, self.device)
+            self._unsynced_tokens = 0
+
+    def _sampler_state(self) -> dict:
+        if self.shards is None:
+            return self.sampler.state_dict()
+        return {"kind": "sharded", "shards": self.shards[1].world, "step": self.step}
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         """Checkpoint generation g: the bank's generation g (its blocks written since g-1) in <run>/bank, then the
-        checkpoint's files and its state.json (the commit point), then the bank's manifest.json."""
+        checkpoint's files and its state.json (the commit point), then the bank's manifest.json.
+
+        In a job every rank writes its blocks and sends their table rows to rank 0 (a collective, so it comes
+        after every shard is on disk); rank 0 then writes the table, the anchor, state.json and the manifest."""
         crash_point("checkpoint")
+        world = self.world
         g = self.generation + 1
+        self._sync_tokens()
         if self.bank is not None:
-            self.bank.commit(self.cfg.run_dir / "bank", generation=g)
-        write_checkpoint(self.cfg.run_dir / "checkpoint", g, self.model, self.opt, self.bank_opt, {
-            "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-            "total_steps": self.steps, "sampler": self.sampler.state_dict()})
+            self.bank.commit(self.cfg.run_dir / "bank", generation=g,
+                             gather=world.gather if world.distributed else None)
+            if world.distributed:  # per-block step counts only grow: each block's owner has the largest
+                for key, steps in self.bank_opt.steps.items():
+                    merged = world.max_(torch.from_numpy(steps).to(self.reducer.comm_device))
+                    steps[:] = merged.cpu().numpy()
+        named = is_sharded(self.model)
+        weights, opt = self.model, self.opt
+        if named:
+            weights = full_model_state(self.model)
+            if weights is not None and self.cfg.model.tie_embeddings:
+                weights.pop("lm_head.weight", None)
+            opt = full_optimizer_state(self.model, self.opt) if self.opt is not None else None
+        if world.is_main:
+            write_checkpoint(self.cfg.run_dir / "checkpoint", g, weights, opt, self.bank_opt, {
+                "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
+                "total_steps": self.steps, "sampler": self._sampler_state(), "world_size": world.size,
+                "optimizer_named": named})
         self.generation = g
-        if self.bank is not None:
+        if self.bank is not None and world.is_main:
             crash_point("publish")
             self.bank.publish()
+        world.barrier()
 
-    def _load_checkpoint(self) -> None:
+    def _load_checkpoint(self, state: dict) -> None:
         ckpt = self.cfg.run_dir / "checkpoint"
-        state = load_state(ckpt)
-        load_weights(self.model, ckpt / state["files"]["model"])
         if self.opt is not None:
-            self.opt.load_state_dict(torch.load(ckpt / state["files"]["optimizer"], weights_only=True))
+            saved = torch.load(ckpt / state["files"]["optimizer"], weights_only=True)
+            load_optimizer_state(self.model, self.opt, saved, named=state.get("optimizer_named", False))
         self.generation = state["generation"]
         if self.cfg.uses_memory:
             m = self.cfg.memory
             self.bank = MemoryBank.load(self.cfg.run_dir / "bank", mmap=m.mmap, generation=self.generation,
                                         cache_bytes=m.cache_bytes, prefetch=m.prefetch > 0)
             self.bank.check_compatible(spec_from_config(self.cfg))
-            self.bank.publish()  # a crash may have come between the checkpoint's commit and this
+            if self.world.is_main:
+                self.bank.publish()  # a crash may have come between the checkpoint's commit and this
             self._place_bank()
             self.bank_opt = bank_optimizer(self.bank, self.cfg)
             self.bank_opt.load(ckpt / state["files"]["bank_optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
+        sampler = state["sampler"]
+        if sampler.get("kind") == "sharded":  # a stateless sampler's step; the plain sampler goes there
+            per_epoch = self.sampler.batches_per_epoch
+            sampler = {"epoch": state["step"] // per_epoch, "cursor": state["step"] % per_epoch * self.sampler.batch_size,
+                       "seed": self.sampler.seed, "n": self.sampler.n}
+        self.sampler.load_state_dict(sampler)
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
-        self._truncate_metrics()
+        if self.world.is_main:
+            self._truncate_metrics()
+        self.world.barrier()
 
     def _truncate_metrics(self) -> None:
         """Drop metrics logged after the checkpoint (a crashed run's last steps are redone, not duplicated)."""
@@ -208,8 +348,13 @@ class Trainer:
         atomic_write_text(path, "".join(keep))
 
     def save_final(self) -> None:
-        """The anchor; the bank is <run>/bank as the last checkpoint published it."""
-        save_weights(self.model, self.cfg.run_dir / "anchor.safetensors", metadata={"step": str(self.step)})
+        """The anchor (rank 0; gathered first under FSDP2); the bank is <run>/bank as the last checkpoint
+        published it."""
+        weights = full_model_state(self.model) if is_sharded(self.model) else self.model
+        if self.world.is_main:
+            if isinstance(weights, dict) and self.cfg.model.tie_embeddings:
+                weights.pop("lm_head.weight", None)
+            save_weights(weights, self.cfg.run_dir / "anchor.safetensors", metadata={"step": str(self.step)})
 
     def _prefetcher(self):
         """A function to call before each step: it asks the bank for the blocks of the batch memory.prefetch
@@ -217,6 +362,18 @@ class Trainer:
         ahead = self.cfg.memory.prefetch if self.bank is not None and self.bank.on_disk else 0
         if not ahead:
             return lambda: None
+        if self.shards is not None:  # the sharded sampler is a function of the step
+            def prefetch_sharded() -> None:
+                for step in range(self.step, self.step + ahead + 1):
+                    if step not in queued:
+                        paths = self.dataset.paths[self._indices(None, step)]
+                        self.train_step.prefetch(torch.from_numpy(paths.astype("int64")), step)
+                        queued.append(step)
+                while queued and queued[0] < self.step:
+                    queued.popleft()
+
+            queued = deque()
+            return prefetch_sharded
         sampler = BatchSampler(self.sampler.n, self.sampler.batch_size, seed=self.sampler.seed)
         sampler.load_state_dict(self.sampler.state_dict())
         upcoming, queued = iter(sampler), deque()
@@ -234,32 +391,37 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------------
     def run(self, stop_at: int | None = None) -> dict:
         """Train to the end (or to step `stop_at`, for tests of --resume); returns a summary."""
-        cfg, t = self.cfg, self.cfg.train
+        with collective_errors(self.world, self.cfg.train.dist_timeout_s):
+            return self._run(stop_at)
+
+    def _run(self, stop_at: int | None) -> dict:
+        cfg, t, main = self.cfg, self.cfg.train, self.world.is_main
         end = self.steps if stop_at is None else min(stop_at, self.steps)
         metrics_path = cfg.run_dir / "metrics.jsonl"
         batches = iter(self.sampler)
         bar = tqdm(total=self.steps, initial=self.step, desc=f"train {cfg.name}", unit="step", mininterval=1.0,
                    disable=not self.progress, dynamic_ncols=True)
-        window_tokens, window_start, last = 0, time.perf_counter(), {}
+        window_tokens, window_start, last = self.tokens_seen, time.perf_counter(), {}
         counts = self.train_step.counts
         fetched_before = counts.snapshot() if counts is not None else None
         io_before = self.bank.io_stats() if self.bank is not None else {}
         prefetch = self._prefetcher()
-        with open(metrics_path, "a", encoding="utf-8") as metrics:
+        with open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as metrics:
             while self.step < end:
                 t0 = time.perf_counter()
                 prefetch()
-                out = self.advance(next(batches))
+                out = self.advance(self._indices(batches, self.step))
                 self.elapsed += time.perf_counter() - t0
-                window_tokens += out["tokens"]
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == end:  # the only host syncs of the loop
-                    rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                    self._sync_tokens()
+                    rate = (self.tokens_seen - window_tokens) / max(1e-9, time.perf_counter() - window_start)
                     last = as_numbers(out)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{rate:,.0f}")
                     rec = {"step": self.step, "total_steps": self.steps,
                            **{k: v for k, v in last.items() if k != "tokens"},
-                           "tokens_seen": self.tokens_seen, "tok_per_s": rate, "elapsed": self.elapsed}
+                           "tokens_seen": self.tokens_seen, "tok_per_s": rate, "elapsed": self.elapsed,
+                           "world_size": self.world.size}
                     if fetched_before is not None:  # evidence that the memory is used
                         now = counts.snapshot()
                         rec["distinct_fetched"] = [int(((n - b) > 0).sum()) for n, b in zip(now, fetched_before)]
@@ -268,9 +430,10 @@ class Trainer:
                         io = self.bank.io_stats()
                         rec.update(io_window(io_before, io))
                         io_before = io
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                    window_tokens, window_start = 0, time.perf_counter()
+                    if main:
+                        metrics.write(json.dumps(rec) + "\n")
+                        metrics.flush()
+                    window_tokens, window_start = self.tokens_seen, time.perf_counter()
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < end:
                     self.save_checkpoint()
         bar.close()
@@ -279,8 +442,10 @@ class Trainer:
             self.save_final()
         summary = {"steps": self.step, "total_steps": self.steps, "tokens_seen": self.tokens_seen,
                    "elapsed_s": round(self.elapsed, 2), "final_loss": last.get("loss"),
-                   "parameters": parameter_report(cfg)}
-        if self.step >= self.steps:
+                   "parameters": parameter_report(cfg), "world_size": self.world.size}
+        if self.shards is not None:
+            summary["sharding"] = self.shards[0].report()
+        if self.step >= self.steps and main:
             atomic_write_json(cfg.run_dir / "train_summary.json", summary)
         return summary
 

@@ -22,7 +22,9 @@ from hiermem.errors import HiermemError
 from hiermem.memory.bank import MemoryBank
 from hiermem.memory.fetch import FetchCounts, block_grads, fetch, needed_blocks
 from hiermem.memory.optim import LazyAdamW
+from hiermem.memory.shard import ShardReducer
 from hiermem.model.transformer import Transformer
+from hiermem.train.parallel import World, is_sharded, local_grads, no_grad_sync
 from hiermem.train.schedule import warmup_cosine
 
 
@@ -58,11 +60,17 @@ def generic_draw(cfg: Config, step: int, batch: int) -> torch.Tensor:
 class TrainStep:
     """The step for one model (+ bank). Call it with a batch on the CPU (input_ids, targets, positions,
     segment_ids, and paths for memory runs) and the 0-based step number; it returns a dict of tensors
-    (loss, grad_norm, lr, and for memory runs lr_memory, blocks_updated, generic_frac, fetched_bytes)."""
+    (loss, grad_norm, lr, and for memory runs lr_memory, blocks_updated, generic_frac, fetched_bytes).
+
+    Under torchrun (world): `module` is the wrapped anchor (DDP or FSDP2, train/parallel.py) and `reducer`
+    sums the shared blocks' gradients; the batch is this rank's share of the global batch (the same number of
+    rows on every rank), the loss is normalised by the global count of target tokens, and the clip norm is
+    the global one, anchor and memory gradients of every rank included. The returned loss is the global one."""
 
     def __init__(self, cfg: Config, model: Transformer, device: torch.device, total_steps: int,
                  anchor_opt: torch.optim.Optimizer | None, bank: MemoryBank | None = None,
-                 bank_opt: LazyAdamW | None = None):
+                 bank_opt: LazyAdamW | None = None, world: World | None = None,
+                 module: torch.nn.Module | None = None, reducer: ShardReducer | None = None):
         if cfg.model.attention == "flex" and device.type != "cuda":
             raise HiermemError("config: model.attention=flex trains on CUDA only (FlexAttention has no CPU "
                                "backward in this torch); use model.attention=sdpa")
@@ -71,6 +79,8 @@ class TrainStep:
         self.counts = FetchCounts(bank.spec) if bank is not None else None
         self.autocast = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.world = world if world is not None and world.distributed else None
+        self.module, self.reducer = module if module is not None else model, reducer
         if cfg.train.compile:  # per block, as torchtitan does: the memory branch traces without a graph break
             for block in model.blocks:
                 block.compile()
@@ -78,10 +88,19 @@ class TrainStep:
     def prefetch(self, paths: torch.Tensor, step: int) -> None:
         """Start reading the blocks that step `step` will fetch for a batch with these paths."""
         if self.bank is not None:
-            use_generic = generic_draw(self.cfg, step, len(paths))
+            use_generic = self._generic(step, len(paths))
             self.bank.prefetch(needed_blocks(self.bank.spec, paths, use_generic))
 
+    def _generic(self, step: int, rows: int) -> torch.Tensor:
+        """This rank's rows of the global batch's generic draw (the draw one process makes for the union)."""
+        if self.world is None:
+            return generic_draw(self.cfg, step, rows)
+        r = self.world.rank
+        return generic_draw(self.cfg, step, rows * self.world.size)[r * rows:(r + 1) * rows]
+
     def __call__(self, batch: dict[str, torch.Tensor], step: int) -> dict:
+        if self.world is not None:
+            return self._distributed(batch, step)
         cfg, t, m = self.cfg, self.cfg.train, self.cfg.memory
         lr = warmup_cosine(step, self.total_steps, t.lr, t.lr_min, t.warmup_steps)
         B = batch["input_ids"].shape[0]
@@ -115,6 +134,66 @@ class TrainStep:
             sq = sq + bg.norm_sq().to(sq.device)
         norm = sq.sqrt()
         if t.grad_clip > 0:  # one global norm over anchor and fetched memory; no host sync
+            scale = torch.where(norm > t.grad_clip, t.grad_clip / (norm + 1e-6), torch.ones_like(norm))
+            if grads:
+                torch._foreach_mul_(grads, scale)
+            if bg is not None:
+                bg.scale_(scale.to(self.bank.device))
+        if self.anchor_opt is not None:
+            for group in self.anchor_opt.param_groups:
+                group["lr"] = lr
+            self.anchor_opt.step()
+            self.anchor_opt.zero_grad(set_to_none=True)
+        out.update(loss=loss_sum, grad_norm=norm)
+        if bg is not None:
+            lr_mem = warmup_cosine(step, self.total_steps, m.lr, m.lr_min, m.warmup_steps)
+            out.update(lr_memory=lr_mem, blocks_updated=self.bank_opt.step(bg, lr_mem),
+                       generic_frac=float(use_generic.float().mean()), fetched_bytes=f.nbytes)
+        return out
+
+    def _distributed(self, batch: dict[str, torch.Tensor], step: int) -> dict:
+        """The same step as __call__'s, on one rank of a job (see the class docstring)."""
+        cfg, t, m, world = self.cfg, self.cfg.train, self.cfg.memory, self.world
+        lr = warmup_cosine(step, self.total_steps, t.lr, t.lr_min, t.warmup_steps)
+        B = batch["input_ids"].shape[0]
+        out: dict = {"lr": lr}
+        f = use_generic = None
+        if self.bank is not None:
+            use_generic = self._generic(step, B)
+            f = fetch(self.bank, batch["paths"], use_generic, device=self.device, requires_grad=True)
+            self.counts.add(f)
+        dev = {k: batch[k].to(self.device, non_blocking=True)
+               for k in ("input_ids", "targets", "positions", "segment_ids")}
+        n_valid = world.sum_((dev["targets"] != -100).sum().float()).clamp(min=1)
+        micro = math.ceil(B / t.grad_accum)
+        loss_sum = torch.zeros((), device=self.device)
+        starts = list(range(0, B, micro))
+        for lo in starts:
+            sl = slice(lo, lo + micro)
+            memory = f.memory.rows(sl) if f is not None else None
+            with no_grad_sync(self.module, last=lo == starts[-1]):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    _, loss = self.module(dev["input_ids"][sl], dev["targets"][sl], dev["positions"][sl],
+                                          dev["segment_ids"][sl], memory)
+                share = (dev["targets"][sl] != -100).sum() / n_valid  # of the global batch's targets
+                loss = torch.nan_to_num(loss, nan=0.0)
+                (loss * share).backward()
+            loss_sum += loss.detach() * share
+
+        grads = local_grads(self.params)  # DDP: the summed gradients, the same on every rank; FSDP2: shards
+        if grads and is_sharded(self.model):  # FSDP2 averaged them over ranks: make it the sum
+            torch._foreach_mul_(grads, float(world.size))
+        sq = torch.stack(torch._foreach_norm(grads)).pow(2).sum() if grads else torch.zeros((), device=self.device)
+        if self.module is not self.model and hasattr(self.module, "no_sync") and world.rank != 0:
+            sq = torch.zeros_like(sq)  # a replicated anchor's norm is counted once, by rank 0
+        bg = None
+        if f is not None:
+            bg = block_grads(f, self.bank.device)
+            bg, sq_mem = self.reducer.reduce(bg, f.rows_per_block)
+            sq = sq + sq_mem.to(sq.device)
+        totals = world.sum_(torch.stack([sq, loss_sum]))
+        norm, loss_sum = totals[0].sqrt(), totals[1]
+        if t.grad_clip > 0:
             scale = torch.where(norm > t.grad_clip, t.grad_clip / (norm + 1e-6), torch.ones_like(norm))
             if grads:
                 torch._foreach_mul_(grads, scale)

@@ -1,0 +1,7 @@
+"""`python -m hiermem ...` = `hiermem ...`; what `torchrun --nproc-per-node N -m hiermem train ...` runs."""
+
+import sys
+
+from hiermem.cli import main
+
+sys.exit(main())

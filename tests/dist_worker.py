@@ -1,0 +1,50 @@
+"""One rank of a test job (tests/test_parallel.py starts two, with torchrun's environment variables set by hand):
+train with the config overrides in argv up to --stop-at, then save this rank's bank replica, which blocks it
+may update and which of those it shares, into --dump/rank<r>.npz. --die-at N: rank 1 exits hard just before step N (a rank that dies)."""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+from hiermem.config import load_config
+from hiermem.errors import HiermemError
+from hiermem.train.loop import Trainer
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stop-at", type=int, default=None)
+    ap.add_argument("--dump", default=None)
+    ap.add_argument("--die-at", type=int, default=None)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(load_config("tiny", args.overrides), resume=args.resume, progress=False)
+        if args.die_at is not None:
+            advance = trainer.advance
+
+            def dying(indices):
+                if trainer.step == args.die_at and trainer.world.rank == 1:
+                    os._exit(3)
+                return advance(indices)
+
+            trainer.advance = dying
+        trainer.run(stop_at=args.stop_at)
+    except HiermemError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if args.dump:
+        arrays = {f"w.{k}": trainer.bank.read_part(k).numpy() for k in trainer.bank.parts()}
+        arrays.update({f"mine.{k}": trainer.reducer.mine[k] for k in trainer.bank.parts()})
+        arrays.update({f"shared.{k}": trainer.reducer.shared[k] for k in trainer.bank.parts()})
+        np.savez(os.path.join(args.dump, f"rank{trainer.world.rank}.npz"), **arrays)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
