@@ -117,7 +117,7 @@ class RoutingConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = setting("", "documents: .jsonl / .txt / a folder / .parquet")
+    corpus: str = setting("", "documents: .jsonl / .jsonl.gz / .jsonl.zst / .txt / .parquet / a folder of them")
     dir: str = setting("", "prepared data directory; '' = runs/data/<name>", inference=True)
     tokenizer: str = setting("", "an existing tokenizer.json; '' = train a byte-level BPE on the corpus")
     vocab_size: int = setting(4096, "vocabulary of the trained tokenizer", min=1)
@@ -126,6 +126,9 @@ class DataConfig:
     seed: int = setting(0, "seed of the held-out split")
     packing: str = setting("auto", "leaf: each sequence from one leaf; flat: any documents; auto: leaf iff the run "
                            "has memory", choices=("auto", "leaf", "flat"))
+    workers: int = setting(1, "tokenizer processes of `hiermem prepare`; 1 = tokenise in the main process", min=1)
+    tokenizer_sample_bytes: int = setting(1_000_000_000, "the tokenizer trains on the training documents in "
+                                          "corpus order until this many bytes of text (UTF-8)", min=1)
 
 
 @dataclass

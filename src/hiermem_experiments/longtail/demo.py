@@ -114,7 +114,7 @@ def _entity_leaves(out: Path, corpus, clustering) -> dict[str, int]:
     """Each seen entity's main leaf: the most common leaf among its training documents (the oracle)."""
     from hiermem.data.prepare import DataDir
 
-    ids = [d.id for d in DataDir(out / "data").documents()]
+    ids = DataDir(out / "data").ids()
     entity_of = {d["id"]: d.get("entity") for d in corpus.documents}
     votes: dict[str, Counter] = {}
     for i, doc_id in enumerate(ids):

@@ -1,0 +1,89 @@
+"""A 1-d .npy file written by appending, finalised in place, resumable after a crash.
+
+The file starts with the header numpy writes for shape (0,); data is appended behind it and `finalize`
+rewrites the header with the final length. numpy pads a 1-d header with room for the length to grow
+(GROWTH_AXIS_MAX_DIGITS), so the data never moves and the finished file is byte-identical to
+np.save(path, array). `count=None` creates the file; reopening with `count=n` truncates it to the first n
+items (what a progress record said was durable) and appends from there. Only a bounded buffer is in RAM.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+BUFFER_ITEMS = 1 << 16  # appended items held before they are written
+
+
+class CannotResume(ValueError):
+    """The file is missing or holds fewer items than a resume asked for."""
+
+
+class NpyAppender:
+    def __init__(self, path: str | Path, dtype, count: int | None = None):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self._header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False}
+        self._pending: list[np.ndarray] = []
+        self._n_pending = 0
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, {**self._header, "shape": (0,)})
+        self._start = head.tell()  # the same for any length (growth padding)
+        if count is None:
+            count = 0
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "wb+")
+        else:  # the header may be anything (even half-rewritten by a finalize that was killed): rewrite it
+            try:
+                self._f = open(self.path, "rb+")
+            except FileNotFoundError:
+                raise CannotResume(f"{self.path}: cannot resume at {count} items (no such file)") from None
+            size = os.fstat(self._f.fileno()).st_size
+            if size < self._start + count * self.dtype.itemsize:
+                self._f.close()
+                raise CannotResume(f"{self.path}: cannot resume at {count} items (the file holds fewer)")
+            self._f.truncate(self._start + count * self.dtype.itemsize)
+        self._f.write(head.getvalue())
+        self._f.seek(0, os.SEEK_END)
+        self.count = count
+
+    def append(self, values) -> None:
+        arr = np.asarray(values)
+        if arr.dtype != self.dtype:
+            arr = arr.astype(self.dtype)
+        arr = arr.reshape(-1)
+        self._pending.append(arr)
+        self._n_pending += arr.size
+        self.count += arr.size
+        if self._n_pending >= BUFFER_ITEMS:
+            self._write()
+
+    def _write(self) -> None:
+        for arr in self._pending:
+            self._f.write(arr.tobytes())
+        self._pending, self._n_pending = [], 0
+
+    def flush(self, fsync: bool = True) -> None:
+        """Make every appended item durable (what a progress record may then claim)."""
+        self._write()
+        self._f.flush()
+        if fsync:
+            os.fsync(self._f.fileno())
+
+    def finalize(self) -> None:
+        """Write the header for the final length and close: a complete .npy file."""
+        self._write()
+        self._f.seek(0)
+        np.lib.format.write_array_header_1_0(self._f, {**self._header, "shape": (self.count,)})
+        if self._f.tell() != self._start:  # cannot happen with numpy >= 1.24 (growth padding)
+            raise RuntimeError(f"{self.path}: npy header size changed; cannot finalise in place")
+        self.flush()
+        self._f.close()
+
+    def close(self) -> None:
+        """Close without finalising (a crash path: the file stays resumable)."""
+        if not self._f.closed:
+            self._f.close()

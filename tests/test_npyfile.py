@@ -1,0 +1,54 @@
+import io
+
+import numpy as np
+import pytest
+
+import hiermem.data.npyfile as npyfile
+from hiermem.data.npyfile import CannotResume, NpyAppender
+
+
+def npy_bytes(arr) -> bytes:
+    f = io.BytesIO()
+    np.save(f, arr)
+    return f.getvalue()
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int64, np.uint8])
+def test_appended_file_is_what_np_save_writes(tmp_path, dtype, monkeypatch):
+    monkeypatch.setattr(npyfile, "BUFFER_ITEMS", 7)  # several writes
+    parts = [np.arange(n, dtype=dtype) for n in (0, 5, 1, 30, 2)]
+    app = NpyAppender(tmp_path / "a.npy", dtype)
+    for p in parts:
+        app.append(p)
+    app.finalize()
+    whole = np.concatenate(parts)
+    assert (tmp_path / "a.npy").read_bytes() == npy_bytes(whole)
+    empty = NpyAppender(tmp_path / "e.npy", dtype)
+    empty.finalize()
+    assert (tmp_path / "e.npy").read_bytes() == npy_bytes(np.zeros(0, dtype))
+
+
+def test_resume_truncates_to_the_durable_count(tmp_path):
+    path = tmp_path / "a.npy"
+    app = NpyAppender(path, np.int64)
+    app.append(np.arange(10))
+    app.flush()
+    durable = app.count
+    app.append(np.arange(100, 105))  # written after the last progress record: a crash loses it
+    app.flush()
+    app.close()
+    again = NpyAppender(path, np.int64, durable)
+    again.append([7, 8])
+    again.finalize()
+    assert np.load(path).tolist() == list(range(10)) + [7, 8]
+    finished = NpyAppender(path, np.int64, 12)  # resuming a finalised file (crash after finalize) is a no-op
+    finished.finalize()
+    assert np.load(path).tolist() == list(range(10)) + [7, 8]
+    with open(path, "r+b") as f:  # a header damaged by a finalize that was killed midway
+        f.write(b"garbage")
+    NpyAppender(path, np.int64, 12).finalize()
+    assert np.load(path).tolist() == list(range(10)) + [7, 8]
+    with pytest.raises(CannotResume, match="cannot resume at 13 items"):
+        NpyAppender(path, np.int64, 13)
+    with pytest.raises(CannotResume, match="no such file"):
+        NpyAppender(tmp_path / "gone.npy", np.int64, 1)
