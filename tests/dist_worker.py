@@ -1,6 +1,8 @@
 """One rank of a test job (tests/test_parallel.py starts two, with torchrun's environment variables set by hand):
-train with the config overrides in argv up to --stop-at, then save this rank's bank replica, which blocks it
-may update and which of those it shares, into --dump/rank<r>.npz. --die-at N: rank 1 exits hard just before step N (a rank that dies)."""
+train with the config overrides in argv up to --stop-at, then save this rank's bank shard (the ids of the blocks
+it holds and their weights, its resident bytes, how many blocks per level the shard plan gives it), which blocks
+it may update and which of those it shares, into --dump/rank<r>.npz. --die-at N: rank 1 exits hard just before
+step N (a rank that dies)."""
 
 import argparse
 import os
@@ -39,9 +41,14 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     if args.dump:
-        arrays = {f"w.{k}": trainer.bank.read_part(k).numpy() for k in trainer.bank.parts()}
-        arrays.update({f"mine.{k}": trainer.reducer.mine[k] for k in trainer.bank.parts()})
-        arrays.update({f"shared.{k}": trainer.reducer.shared[k] for k in trainer.bank.parts()})
+        bank, plan = trainer.bank, trainer.shards[0]
+        arrays = {f"w.{k}": bank.read_blocks(k, torch.from_numpy(bank.held(k))).numpy() for k in bank.parts()}
+        arrays.update({f"held.{k}": bank.held(k) for k in bank.parts()})
+        arrays.update({f"mine.{k}": trainer.reducer.mine[k] for k in bank.parts()})
+        arrays.update({f"shared.{k}": trainer.reducer.shared[k] for k in bank.parts()})
+        arrays.update({f"planned.{key}": sum(trainer.world.rank in r for r in plan.sharers(level).values())
+                       for key, level, _, _ in bank.spec.level_parts()})
+        arrays["resident_bytes"] = bank.resident_bytes()
         np.savez(os.path.join(args.dump, f"rank{trainer.world.rank}.npz"), **arrays)
     return 0
 

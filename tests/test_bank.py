@@ -316,3 +316,56 @@ def test_a_bank_written_by_hiermem_0_1_0_still_loads():
     on_disk = MemoryBank.load(FIXTURE_BANK, mmap=True, verify="all", writable=False)
     assert_same(arrays(on_disk), arrays(bank))
     assert open_store(FIXTURE_BANK).version == 1
+
+
+def test_a_shard_holds_only_its_blocks_with_the_whole_banks_values(tmp_path):
+    """A rank's shard (memory/shard.py): read from the store, only its blocks and their moments are in memory,
+    each equal to the whole bank's; the lazy AdamW moves them as it moves the whole bank's, with step counts
+    for the shard's blocks only, saved whole after gathered(); a block the shard lacks is an error."""
+    from hiermem.memory.fetch import BlockGrads
+    from hiermem.memory.optim import LazyAdamW
+
+    whole = MemoryBank.create(SPEC, seed=3)
+    LazyAdamW(whole, lr=1e-2)  # moments, so that the store holds them
+    whole.save(tmp_path / "bank")
+    held = {"level0": np.array([1]), "level2": np.array([9, 12, 13]), "generic": np.array([0])}
+    shard = MemoryBank.load(tmp_path / "bank", mmap=False, held=held)
+    full = MemoryBank.load(tmp_path / "bank", mmap=False)
+    block = {k: full.part(k)[0].nbytes for k in full.parts()}
+    assert shard.resident_bytes() == 3 * sum(len(h) * block[k] for k, h in held.items()) < full.resident_bytes()
+    assert {k: shard.part(k).shape[0] for k in shard.parts()} == {k: len(h) for k, h in held.items()}
+    for k, h in held.items():
+        assert torch.equal(shard.read_blocks(k, torch.from_numpy(h)), full.read_blocks(k, torch.from_numpy(h)))
+    f = fetch(shard, [[1, 3, 9], [1, 4, 13]], torch.tensor([False, True]))
+    assert f.block_ids["level2"].tolist() == [9] and f.block_ids["generic"].tolist() == [0]
+
+    ids = {"level2": torch.tensor([9, 13]), "generic": torch.tensor([0])}
+    opts = [LazyAdamW(b, lr=1e-2) for b in (shard, full)]
+    for opt in opts:
+        opt.step(BlockGrads(dict(ids), {k: torch.full((len(i), *SPEC.part_shape(k)[1:]), 0.5)
+                                        for k, i in ids.items()}))
+    for k, h in held.items():
+        ht = torch.from_numpy(h)
+        for a, b in zip(shard.read_state(k, ht), full.read_state(k, ht)):
+            assert torch.equal(a, b), k
+    assert opts[0].steps["level2"].tolist() == [1, 0, 1] and len(opts[0].steps["level0"]) == 1
+    with pytest.raises(ValueError, match="gathered"):
+        opts[0].save(tmp_path / "steps.npz")
+    opts[0].gathered(lambda mine: [mine]).save(tmp_path / "steps.npz")  # one rank's job: its counts, whole
+    opts[1].save(tmp_path / "whole.npz")
+    again = LazyAdamW(MemoryBank.load(tmp_path / "bank", mmap=False, held=held), lr=1e-2)
+    again.load(tmp_path / "whole.npz")
+    assert all(np.array_equal(again.steps[k], opts[0].steps[k]) for k in held)
+    assert all(np.array_equal(np.load(tmp_path / "steps.npz")[f"steps.{k}"], opts[1].steps[k]) for k in held)
+
+    with pytest.raises(HiermemError, match="block 0 of level 0 is not held by this bank shard"):
+        fetch(shard, [[0, 0, 0]])
+    with pytest.raises(HiermemError, match="block 10 of level 2 is not held"):
+        shard.write_blocks("level2", torch.tensor([9, 10]), torch.zeros(2, *SPEC.part_shape("level2")[1:]))
+    assert shard._writes["level2"][9] == 1  # the refused write changed nothing
+    with pytest.raises(HiermemError, match="shard"):
+        shard.read_part("level2")
+    with pytest.raises(HiermemError, match="shard"):
+        shard.save(tmp_path / "copy")
+    with pytest.raises(ValueError, match="held is for mmap=False"):
+        MemoryBank.load(tmp_path / "bank", mmap=True, held=held)

@@ -75,3 +75,26 @@ def test_fetch_suite_times_cold_warm_and_raw_reads_of_one_path(tmp_path):
     assert saved["cold_vs_raw"] == s["raw"] / s["cold"] and saved["warm_speedup"] == s["cold"] / s["warm"]
     assert saved["bytes_per_path"] == 2 * 3 * (8 + 4 + 2) * 32 * 4  # layers x 3 x (r1 + r2 + r3) x d, float32
     assert not (tmp_path / "fetch-bank").exists()
+
+
+def test_distributed_suite_reduces_only_shared_blocks_and_each_rank_holds_its_shard(tmp_path):
+    """--suite distributed, quick (tiny shape, 1 and 2 processes): with bank sharding a step all-reduces for
+    memory only the shared blocks (here the generic block and its fetch count), never an owned subtree's
+    gradient, and each rank holds in memory only its shard of the bank (the generic block on both)."""
+    import numpy as np
+
+    from hiermem.memory.spec import GENERIC, spec_from_config
+
+    run_suite("distributed", out=str(tmp_path), quick=True)
+    saved = json.loads((tmp_path / "distributed.json").read_text())
+    one, two = saved["cpu"]["1"], saved["cpu"]["2"]
+    spec = spec_from_config(shape_config("tiny", "scratch", "cpu"))
+    generic = int(np.prod(spec.part_shape(GENERIC)[1:]))
+    assert two["sharding"]["shared_units"] == 0 and two["world_size"] == 2
+    assert one["allreduce_bytes_per_step"]["memory"] == 0
+    assert two["allreduce_bytes_per_step"]["memory"] == (generic + 1) * 4  # float32 gradient + its count
+    assert two["allreduce_bytes_per_step"]["memory"] < two["replicated_bank_memory_bytes_per_step"]
+    full = one["full_bank_bytes"]
+    assert one["bank_resident_bytes_per_rank"] == [full] == [two["full_bank_bytes"]]
+    assert max(two["bank_resident_bytes_per_rank"]) < full
+    assert sum(two["bank_resident_bytes_per_rank"]) == full + 3 * generic * 4  # weights, m, v: float32

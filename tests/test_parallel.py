@@ -91,8 +91,9 @@ def test_torchrun_two_processes_equal_one_on_the_union(longtail_data, reference,
 
 def test_owned_blocks_and_resume_across_world_sizes(longtail_data, reference, tmp_path):
     """2 processes to step 2, then 1 process to step 4, then 2 processes (FSDP2 this time) to the end: the
-    same run as the reference. After the first leg every block a rank does not update is bit-identical to
-    its initial value on that rank, and only shared blocks (here the generic one) moved on both."""
+    same run as the reference. After the first leg each rank's bank is its shard only (the blocks it fetches,
+    as the shard plan says, in its resident bytes), it started from the 1-process values, and only shared
+    blocks (here the generic one) moved on both ranks, identically."""
     run, dump = tmp_path / "chain", tmp_path / "dump"
     dump.mkdir()
     ov = [*longtail_data, *STEPS, f"train.run_dir={run}"]
@@ -100,15 +101,25 @@ def test_owned_blocks_and_resume_across_world_sizes(longtail_data, reference, tm
         assert code == 0, err[-3000:]
     fresh = MemoryBank.create(spec_from_config(load_config("tiny", ov)), seed=0)
     ranks = [np.load(dump / f"rank{r}.npz") for r in (0, 1)]
+    full_bytes = 3 * sum(fresh.part(k).nbytes for k in fresh.parts())  # weights, m and v (float32)
+    for r, z in enumerate(ranks):
+        held_bytes = 3 * sum(len(z[f"held.{k}"]) * fresh.part(k)[0].nbytes for k in fresh.parts())
+        assert int(z["resident_bytes"]) == held_bytes < full_bytes, r
+        for key, level, _, _ in fresh.spec.level_parts():
+            assert len(z[f"held.{key}"]) == int(z[f"planned.{key}"]) < fresh.n_blocks(key), (r, key)
     for key in fresh.parts():
         init = fresh.read_part(key).numpy()
-        mine = [z[f"mine.{key}"] for z in ranks]
-        for r, z in enumerate(ranks):
-            assert np.array_equal(z[f"w.{key}"][~mine[r]], init[~mine[r]]), (r, key)
-        changed = [~np.all(z[f"w.{key}"] == init, axis=tuple(range(1, init.ndim))) for z in ranks]
+        held = [z[f"held.{key}"] for z in ranks]
+        assert [h.tolist() for h in held] == [np.flatnonzero(z[f"mine.{key}"]).tolist() for z in ranks]
+        changed = []
+        for z, h in zip(ranks, held):
+            moved = ~np.all(z[f"w.{key}"] == init[h], axis=tuple(range(1, init.ndim)))
+            changed.append(np.zeros(len(init), bool))
+            changed[-1][h[moved]] = True
         both = changed[0] & changed[1]  # only shared blocks move on both ranks, and identically
         assert not (both & ~ranks[0][f"shared.{key}"]).any()
-        assert np.array_equal(ranks[0][f"w.{key}"][both], ranks[1][f"w.{key}"][both])
+        rows = [np.searchsorted(h, np.flatnonzero(both)) for h in held]
+        assert np.array_equal(ranks[0][f"w.{key}"][rows[0]], ranks[1][f"w.{key}"][rows[1]])
         assert (changed[0] & ~both).any() and (changed[1] & ~both).any() or key == "generic"
     Trainer(load_config("tiny", [*ov, "train.data_shards=2"]), resume=True, progress=False).run(stop_at=4)
     for code, err in two_ranks("--resume", *ov, "train.parallel=fsdp"):

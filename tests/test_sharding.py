@@ -66,3 +66,21 @@ def test_bad_inputs():
         plan_shards(np.zeros((0, 2)), np.zeros(0), 2)
     with pytest.raises(HiermemError, match="rank 1 has no training sequences"):
         ShardedSampler([np.arange(3), np.zeros(0, np.int64)], per_rank=1)
+
+
+def test_a_ranks_batches_fetch_only_the_blocks_its_shard_holds():
+    """The sampler keeps each rank inside its bank shard (memory/shard.py held_blocks): every block on the
+    paths of its batches is one it holds, so a shard never misses a block (fetching one it lacks is an error)."""
+    from hiermem.memory.shard import held_blocks
+
+    paths = tree_paths(per_leaf=tuple(range(1, 17)))
+    for world in (2, 3, 8):
+        plan = plan_shards(paths, np.ones(len(paths)), world)
+        sharers = {f"level{l}": plan.sharers(l) for l in range(paths.shape[1])}
+        sampler = ShardedSampler(rank_pools(plan, paths[:, plan.level]), per_rank=5, seed=0)
+        for r in range(world):
+            held = held_blocks(sharers, r)
+            fetched = np.concatenate([paths[sampler.batch(step, r)] for step in range(8)])
+            for l in range(paths.shape[1]):
+                assert set(fetched[:, l].tolist()) <= set(held[f"level{l}"].tolist()), (world, r, l)
+            assert len(held["level1"]) < 16  # a shard, not the whole bank

@@ -1,9 +1,10 @@
 """`hiermem bench --suite distributed`: the trainer's step on 1 and 2 processes (torchrun, gloo on CPU), and the
 bytes a step all-reduces with bank sharding (the anchor's gradients plus the shared blocks: here only the
 generic block) against what a replicated bank would have to reduce (the anchor plus every block the global
-batch fetched). Each process runs TrainStep with the same global batch (per rank: its share, drawn from the
-subtrees it owns, data/sharding.py); tokens/s counts the global batch. The GPU part (NCCL) runs only where
-there are two GPUs and is otherwise skipped, saying so.
+batch fetched), and the bank bytes each rank holds in memory (weights and moments of its shard: the blocks it
+fetches, memory/shard.py) against the whole bank's. Each process runs TrainStep with the same global batch
+(per rank: its share, drawn from the subtrees it owns, data/sharding.py); tokens/s counts the global batch. The
+GPU part (NCCL) runs only where there are two GPUs and is otherwise skipped, saying so.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 from hiermem.bench.train_throughput import random_bank, shape_config
 from hiermem.data.sharding import plan_shards, rank_pools
-from hiermem.memory.shard import ShardReducer
+from hiermem.memory.bank import MemoryBank
+from hiermem.memory.shard import ShardReducer, held_blocks
 from hiermem.memory.spec import GENERIC, spec_from_config
 from hiermem.model.transformer import Transformer
 from hiermem.train.parallel import close_world, init_world, wrap_anchor
@@ -57,11 +59,15 @@ def worker(shape: str, steps: int, warmup: int, out: str, device: str) -> None:
     module = wrap_anchor(model, world, "ddp")
     spec = spec_from_config(cfg)
     bank = random_bank(spec, dev)
+    full_bytes = 3 * bank.resident_bytes()  # the whole bank's weights and both moments (float32)
     reducer = None
     if world.distributed:
         sharers = {f"level{l}": plan.sharers(l) for _, l, _, _ in spec.level_parts()}
         sharers[GENERIC] = {0: tuple(range(world.size))}
         reducer = ShardReducer(spec, sharers, world.rank, world.size, dev, world.comm_bytes)
+        held = held_blocks(sharers, world.rank)  # this rank's shard, as the trainer holds it
+        bank = MemoryBank(spec, {k: bank.part(k)[torch.from_numpy(h).to(dev)] for k, h in held.items()},
+                          {k: np.zeros(spec.part_shape(k)[0], np.uint32) for k in held}, held=held)
     step_fn = TrainStep(cfg, model, dev, 10_000, anchor_optimizer(model, cfg, dev), bank, bank_optimizer(bank, cfg),
                         world=world, module=module, reducer=reducer)
     for s in range(warmup):
@@ -74,6 +80,7 @@ def worker(shape: str, steps: int, warmup: int, out: str, device: str) -> None:
     float(out_s["loss"])
     world.barrier()
     dt = time.perf_counter() - t0
+    resident = world.gather(bank.resident_bytes())
     union = {}  # what a replicated bank would all-reduce: every block the global batch fetched
     for s in range(warmup, warmup + steps):
         g = np.concatenate([rows(s, r) for r in range(world.size)])
@@ -85,6 +92,7 @@ def worker(shape: str, steps: int, warmup: int, out: str, device: str) -> None:
         res = {"world_size": world.size, "tok_per_s": steps * cfg.train.batch_size * cfg.data.seq_len / dt,
                "allreduce_bytes_per_step": {k: (world.comm_bytes[k] - before[k]) / steps for k in before},
                "anchor_grad_bytes": anchor_bytes, "replicated_bank_memory_bytes_per_step": replicated,
+               "bank_resident_bytes_per_rank": resident, "full_bank_bytes": full_bytes,
                "sharding": plan.report()}
         Path(out).write_text(json.dumps(res, indent=1))
     close_world(world)
@@ -119,6 +127,8 @@ def run(out: str, quick: bool = False, **_options) -> dict:
           f"{cpu[2]['tok_per_s']:,.0f} (ratio {report['cpu_speedup_2_over_1']:.2f})")
     print(f"all-reduced per step with bank sharding: anchor {two['anchor']:,.0f} B + memory {two['memory']:,.0f} B "
           f"(shared blocks only); a replicated bank: + {cpu[2]['replicated_bank_memory_bytes_per_step']:,.0f} B")
+    print(f"bank in memory per rank (weights + moments): {cpu[2]['bank_resident_bytes_per_rank']} B of the whole "
+          f"bank's {cpu[2]['full_bank_bytes']:,} B")
     print(f"gpu: {report['gpu'] if isinstance(report['gpu'], str) else 'measured'}")
     return report
 

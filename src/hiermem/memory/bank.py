@@ -5,10 +5,12 @@ bfloat16 (memory.dtype; memory/precision.py); blocks are always handed out and t
 also holds the lazy AdamW's moments of its blocks (memory/optim.py), so that a block and its optimizer state are
 stored, cached and checkpointed together. MemoryBank keeps everything in RAM; DiskBank (memory/disk.py,
 memory.mmap=true) keeps it in files behind a block cache with a byte budget, for a bank and optimizer state
-larger than RAM. Both offer the same interface: read_blocks / write_blocks (weights), read_state / write_state
-(weights with their moments, the optimizer's way in), and commit / publish / save (memory/store.py: format 3,
-incremental and crash-safe). Every block read from a file is checked against its crc32 (a RAM bank checks each
-block the first time it is read). Fetching a batch's blocks is memory/fetch.py.
+larger than RAM. A MemoryBank may also be a shard (`held`): only the blocks one rank of a job fetches
+(memory/shard.py), in rows of their own, addressed by their global ids like any bank's. Both offer the same
+interface: read_blocks / write_blocks (weights), read_state / write_state (weights with their moments, the
+optimizer's way in), and commit / publish / save (memory/store.py: format 3, incremental and crash-safe).
+Every block read from a file is checked against its crc32 (a RAM bank checks each block the first time it is
+read). Fetching a batch's blocks is memory/fetch.py.
 """
 
 from __future__ import annotations
@@ -51,15 +53,23 @@ def _check_verify(verify: str) -> None:
 
 class MemoryBank:
     """A bank in RAM: one tensor per part (plus the moments once an optimizer is attached), checksums of what
-    was read from a file, and the folder it was loaded from or last committed to (its own `dir`)."""
+    was read from a file, and the folder it was loaded from or last committed to (its own `dir`).
+
+    held (a shard): per part, the ascending global ids of the blocks this bank holds; its tensors then have one
+    row per held block, in that order, and every access by global id maps through it (a block not held is an
+    error, never a silent zero). The per-block bookkeeping (checksum, write count, flags: a few bytes a block)
+    stays global-sized, as the store's block table is; the blocks and their moments are the shard's only."""
 
     on_disk = False
+    _held: dict[str, np.ndarray] | None = None  # None: every block, row i = block i
 
     def __init__(self, spec: BankSpec, arrays: dict[str, torch.Tensor], checksums: dict[str, np.ndarray], *,
                  dir: Path | None = None, verified: bool = True, writable: bool = True,
                  state: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 writes: dict[str, np.ndarray] | None = None, store: BlockStore | LegacyStore | None = None):
+                 writes: dict[str, np.ndarray] | None = None, store: BlockStore | LegacyStore | None = None,
+                 held: dict[str, np.ndarray] | None = None):
         self.spec, self.writable = spec, writable
+        self._held = None if held is None else {k: np.asarray(held[k], np.int64) for k in arrays}
         self.dir = None if dir is None else Path(dir)
         self.dtype = dtype_name(next(iter(arrays.values())))
         self.store = store  # the store in dir that an in-place commit extends (None: none yet)
@@ -113,14 +123,18 @@ class MemoryBank:
 
     @classmethod
     def load(cls, dir: str | Path, mmap: bool = True, verify: str = "fetch", writable: bool = True,
-             generation: int | None = None, cache_bytes: int | None = None, prefetch: bool = False) -> "MemoryBank":
+             generation: int | None = None, cache_bytes: int | None = None, prefetch: bool = False,
+             held: dict[str, np.ndarray] | None = None) -> "MemoryBank":
         """Open a saved bank at its published generation (or at `generation`, e.g. a checkpoint's).
 
         mmap: keep it on disk behind a block cache of cache_bytes (a DiskBank; prefetch: with a background
         reader), else read it into RAM. A writable bank comes with its optimizer moments (to resume); a
         read-only one with its weights only. verify: "fetch" checks each block when it is first read (on disk:
-        every time it is read from disk), "all" checks everything now, "none" trusts the files."""
+        every time it is read from disk), "all" checks everything now, "none" trusts the files.
+        held (in RAM only): read just these blocks (per part, ascending global ids), a shard of the bank."""
         _check_verify(verify)
+        if held is not None and mmap:
+            raise ValueError("load: a bank on disk reads only the blocks it is asked for; held is for mmap=False")
         store = open_store(dir, generation, writable=writable)
         if mmap:
             if writable and isinstance(store, LegacyStore):
@@ -132,27 +146,29 @@ class MemoryBank:
         with_state = writable and store.has_state
         arrays, state = {}, ({} if with_state else None)
         for key, lay in store.layouts.items():
-            n, wb, half = lay.n_blocks, lay.weight_bytes, lay.state_bytes // 2
+            rows = np.arange(lay.n_blocks) if held is None else np.asarray(held[key], np.int64)
+            n, wb, half = len(rows), lay.weight_bytes, lay.state_bytes // 2
             w = np.empty((n, wb), np.uint8)
             m = np.empty((n, half // 4), np.float32) if with_state else None
             v = np.empty_like(m) if with_state else None
             nbytes = wb + (lay.state_bytes if with_state else 0)
             step = rows_per_chunk(nbytes)
+            shape = (n, *lay.shape[1:])
             for lo in range(0, n, step):
-                ids = np.arange(lo, min(n, lo + step))
-                for i, rec in zip(ids, store.read(key, ids, nbytes, check=False)):
-                    w[i] = rec[:wb]
+                ids = rows[lo:lo + step]
+                for j, i, rec in zip(range(lo, lo + len(ids)), ids, store.read(key, ids, nbytes, check=False)):
+                    w[j] = rec[:wb]
                     if with_state:
                         if verify != "none" and crc32(rec[wb:]) != store.crc_s[key][i]:
-                            raise HiermemError(f"{store.dir}: the optimizer state of {block_name(key, i)} is "
+                            raise HiermemError(f"{store.dir}: the optimizer state of {block_name(key, int(i))} is "
                                                "corrupted (checksum mismatch)")
-                        m[i], v[i] = rec[wb:wb + half].view(np.float32), rec[wb + half:].view(np.float32)
-            arrays[key] = from_bytes(w.reshape(-1), store.dtype, lay.shape)
+                        m[j], v[j] = rec[wb:wb + half].view(np.float32), rec[wb + half:].view(np.float32)
+            arrays[key] = from_bytes(w.reshape(-1), store.dtype, shape)
             if with_state:
-                state[key] = (torch.from_numpy(m.reshape(lay.shape)), torch.from_numpy(v.reshape(lay.shape)))
+                state[key] = (torch.from_numpy(m.reshape(shape)), torch.from_numpy(v.reshape(shape)))
         bank = cls(store.spec, arrays, dict(store.crc_w), dir=Path(dir), verified=verify == "none",
                    writable=writable, state=state, writes={k: a.copy() for k, a in store.writes.items()},
-                   store=store)
+                   store=store, held=held)
         if verify == "all":
             bank.verify()
         return bank
@@ -181,16 +197,46 @@ class MemoryBank:
     def n_blocks(self, key: str) -> int:
         return self.spec.part_shape(key)[0]
 
+    def held(self, key: str) -> np.ndarray:
+        """The global ids of the blocks of part `key` this bank holds, ascending (all of them unless a shard)."""
+        return np.arange(self.n_blocks(key)) if self._held is None else self._held[key]
+
+    def local_rows(self, key: str, ids: np.ndarray) -> np.ndarray:
+        """The rows of blocks ids (global) in this bank's tensors; a block a shard does not hold is an error:
+        its rank's sampler never fetches it, so asking for it is a bug, not a miss."""
+        if self._held is None:
+            return ids
+        held = self._held[key]
+        rows = np.minimum(np.searchsorted(held, ids), max(0, len(held) - 1))
+        missing = (held[rows] != ids) if len(held) else np.ones(len(ids), bool)
+        if missing.any():
+            raise HiermemError(f"{block_name(key, int(ids[np.argmax(missing)]))} is not held by this bank shard "
+                               "(a rank holds its own subtrees' blocks and the shared ones only)")
+        return rows
+
+    def _rows(self, key: str, ids: torch.Tensor) -> torch.Tensor:
+        """local_rows as an index tensor on the bank's device."""
+        if self._held is None:
+            return ids.to(self.device)
+        return torch.from_numpy(self.local_rows(key, ids.numpy())).to(self.device)
+
+    def resident_bytes(self) -> int:
+        """Bytes of the tensors this bank keeps in memory: its blocks' weights and, once attached, moments."""
+        tensors = [*self._t.values(), *(t for mv in (self._state or {}).values() for t in mv)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def block_bytes(self, key: str) -> int:
         """Bytes of one block's weights as stored (what a fetch of it reads)."""
         return int(np.prod(self.spec.part_shape(key)[1:])) * itemsize(self.dtype)
 
     def part(self, key: str) -> torch.Tensor:
-        """The live tensor of a part (storage dtype)."""
+        """The live tensor of a part (storage dtype; a shard's: one row per held block)."""
         return self._t[key]
 
     def read_part(self, key: str, field: str = "w") -> torch.Tensor:
         """A float32 copy of a whole part: its weights ("w") or a moment ("m", "v")."""
+        if self._held is not None:
+            raise HiermemError(f"{self.dir}: this bank is a shard; read its blocks with read_blocks(held(key))")
         if field == "w":
             return self._t[key].float().clone()
         return self._state[key]["mv".index(field)].clone()
@@ -199,7 +245,7 @@ class MemoryBank:
         """float32 blocks ids (distinct, cpu int64) of a part, checked on first read. A RAM bank always hands
         out a copy; copy=False lets a bank on disk hand out a view of a cached block (read-only use)."""
         t = self._t[key]
-        blocks = t.index_select(0, ids.to(t.device))
+        blocks = t.index_select(0, self._rows(key, ids))
         ids_np = ids.numpy()
         for j in np.nonzero(~self._verified[key][ids_np])[0].tolist():
             i = int(ids_np[j])
@@ -214,10 +260,11 @@ class MemoryBank:
         if not self.writable:
             raise HiermemError(f"{self.dir}: bank was opened read-only")
         t = self._t[key]
+        rows = self._rows(key, ids)  # before any bookkeeping: a block not held changes nothing
         ids_np = ids.numpy()
         counts = self._writes[key][ids_np] + 1
         self._writes[key][ids_np] = counts
-        t.index_copy_(0, ids.to(t.device), to_storage(values.to(t.device), self.dtype, key, ids_np, counts))
+        t.index_copy_(0, rows, to_storage(values.to(t.device), self.dtype, key, ids_np, counts))
         self._dirty[key][ids_np] = True
         self._verified[key][ids_np] = True  # the content is now ours, not the file's
 
@@ -230,12 +277,12 @@ class MemoryBank:
     def read_state(self, key: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """float32 copies of blocks ids and of their moments m and v."""
         m_all, v_all = self._state[key]
-        idx = ids.to(m_all.device)
+        idx = self._rows(key, ids)
         return self.read_blocks(key, ids), m_all.index_select(0, idx), v_all.index_select(0, idx)
 
     def write_state(self, key: str, ids: torch.Tensor, w: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
         m_all, v_all = self._state[key]
-        idx = ids.to(m_all.device)
+        idx = self._rows(key, ids)
         m_all.index_copy_(0, idx, m)
         v_all.index_copy_(0, idx, v)
         self.write_blocks(key, ids, w)
@@ -253,7 +300,8 @@ class MemoryBank:
     def verify(self) -> None:
         """Check every not-yet-verified block now (chunk by chunk)."""
         for key in self.parts():
-            todo = np.nonzero(~self._verified[key])[0]
+            held = self.held(key)
+            todo = held[~self._verified[key][held]]
             step = rows_per_chunk(self.block_bytes(key))
             for lo in range(0, len(todo), step):
                 self.read_blocks(key, torch.from_numpy(todo[lo:lo + step]))
@@ -269,7 +317,7 @@ class MemoryBank:
     # -- persistence -----------------------------------------------------------------------------------------
     def _records(self, key: str, ids: np.ndarray) -> np.ndarray:
         """The stored records of blocks ids, [U, bytes]: weights in the storage dtype, then m and v if any."""
-        idx = torch.from_numpy(ids).to(self.device)
+        idx = self._rows(key, torch.from_numpy(ids))
         parts = [self._t[key].index_select(0, idx).cpu()]
         if self._state is not None:
             parts += [s.index_select(0, idx).cpu() for s in self._state[key]]
@@ -306,7 +354,7 @@ class MemoryBank:
             raise ValueError("commit: this bank has no folder; pass one")
         store = self._own_store(target)
         if store is None:
-            if gather is not None:
+            if gather is not None or self._held is not None:
                 raise ValueError("commit: a sharded bank commits into the store it was loaded from")
             store = BlockStore.create(target, self.spec, self.dtype, state=self.has_state)
             blocks = {k: np.arange(self.n_blocks(k)) for k in self.parts()}
@@ -336,6 +384,8 @@ class MemoryBank:
             self.commit()
             self.publish()
             return
+        if self._held is not None:
+            raise HiermemError(f"{target}: a bank shard cannot be saved as a whole bank (its ranks commit together)")
         store = BlockStore.create(target, self.spec, self.dtype, state=self.has_state)
         self._write_records(store, {k: np.arange(self.n_blocks(k)) for k in self.parts()}, checkpoint=False)
         store.commit(store.generation + 1, self._writes)

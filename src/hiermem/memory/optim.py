@@ -9,11 +9,14 @@ whatever the bank's storage dtype (a bf16 bank rounds the result when it stores 
 The moments m and v are kept by the bank, beside each block (MemoryBank.read_state / write_state), so that a
 bank on disk pages, caches and checkpoints a block together with its state. The optimizer itself keeps only the
 per-block step counts and the hyperparameters; save() writes those to one small .npz file. Hyperparameters
-always come from the constructor (the config); the file records them for reference only.
+always come from the constructor (the config); the file records them for reference only. Over a bank shard
+(memory/bank.py `held`) the counts are the shard's blocks' only; gathered() assembles every rank's for the
+checkpoint file, which always covers the whole bank, and load() takes a shard's rows of it.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,7 @@ class LazyAdamW:
                  weight_decay: float = 1e-3):
         self.bank, self.lr, self.betas, self.eps, self.weight_decay = bank, lr, tuple(betas), eps, weight_decay
         bank.enable_state()  # zero moments, unless the bank was loaded with its own (to resume)
-        self.steps = {k: np.zeros(bank.n_blocks(k), np.int64) for k in bank.parts()}
+        self.steps = {k: np.zeros(len(bank.held(k)), np.int64) for k in bank.parts()}  # per held block
 
     # -- the update ----------------------------------------------------------------------------------------
     def step(self, grads: BlockGrads, lr: float | None = None) -> list[int]:
@@ -50,10 +53,10 @@ class LazyAdamW:
             if g.shape != (len(ids), *block):
                 raise ValueError(f"LazyAdamW.step: {key} gradient has shape {tuple(g.shape)} for {len(ids)} blocks")
             ids = ids.cpu()
-            ids_np = ids.numpy()
-            steps[ids_np] += 1
+            rows = self.bank.local_rows(key, ids.numpy())
+            steps[rows] += 1
             # per-block bias corrections, computed in float64 like torch's Python-float scalars
-            t = torch.from_numpy(steps[ids_np].astype(np.float64))
+            t = torch.from_numpy(steps[rows].astype(np.float64))
             bshape = (-1,) + (1,) * (g.dim() - 1)
             step_size = (lr / (1 - b1 ** t)).to(dev, torch.float32).view(bshape)
             bc2_sqrt = ((1 - b2 ** t) ** 0.5).to(dev, torch.float32).view(bshape)
@@ -70,8 +73,24 @@ class LazyAdamW:
         return updated
 
     # -- state ---------------------------------------------------------------------------------------------
+    def gathered(self, gather) -> "LazyAdamW | None":
+        """A collective over a sharded bank's ranks (gather: every rank's argument on rank 0, None elsewhere):
+        on rank 0 a copy of this optimizer whose step counts cover every block (a shared block's replicas
+        count alike; a block no rank holds was never fetched: 0), to save(); None on the other ranks."""
+        everyone = gather({k: (self.bank.held(k), s) for k, s in self.steps.items()})
+        if everyone is None:
+            return None
+        full = copy.copy(self)
+        full.steps = {k: np.zeros(self.bank.n_blocks(k), np.int64) for k in self.steps}
+        for theirs in everyone:
+            for key, (ids, s) in theirs.items():
+                full.steps[key][ids] = np.maximum(full.steps[key][ids], s)
+        return full
+
     def save(self, path: str | Path) -> None:
         """Write the step counts (and, for reference, the hyperparameters) to one .npz file, atomically."""
+        if any(len(s) != self.bank.n_blocks(k) for k, s in self.steps.items()):
+            raise ValueError("LazyAdamW.save: a bank shard's step counts; save the copy gathered() returns")
         arrays = {f"steps.{k}": s for k, s in self.steps.items()}
         arrays["format"] = np.frombuffer(FORMAT.encode(), np.uint8)
         arrays["hyper"] = np.array([*self.betas, self.eps, self.weight_decay], np.float64)
@@ -96,7 +115,7 @@ class LazyAdamW:
         if have != sorted(self.steps):
             raise HiermemError(f"{path}: holds step counts for parts {have}, the bank has {sorted(self.steps)}")
         for key, s in self.steps.items():
-            src = arrays[f"steps.{key}"]
-            if src.shape != s.shape:
-                raise HiermemError(f"{path}: {key} has {src.size} step counts, the bank has {s.size} blocks")
-            s[:] = src
+            src, n = arrays[f"steps.{key}"], self.bank.n_blocks(key)
+            if src.shape != (n,):
+                raise HiermemError(f"{path}: {key} has {src.size} step counts, the bank has {n} blocks")
+            s[:] = src[self.bank.held(key)]

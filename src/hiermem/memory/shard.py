@@ -8,6 +8,10 @@ them; after backward its gradient is summed among exactly those ranks (one proce
 ranks, made with dist.new_group), together with a count of the rows that fetched it, so that every replica
 applies the same lazy AdamW step to the blocks the global batch fetched, and only to them. So the bytes a step
 all-reduces for memory are those of the shared blocks, never those of the owned subtrees.
+
+A rank's bank holds exactly the blocks it fetches (held_blocks: its owned and its shared ones, with their
+moments and step counts; memory/bank.py `held`): a block fetched by no rank is never updated, so it stays in
+the store as it was made, and no rank needs it in memory.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ import torch.distributed as dist
 
 from hiermem.memory.fetch import BlockGrads
 from hiermem.memory.spec import BankSpec
+
+
+def held_blocks(sharers: dict[str, dict[int, tuple[int, ...]]], rank: int) -> dict[str, np.ndarray]:
+    """Per part, the ascending ids of the blocks `rank` fetches: the ones its bank shard holds."""
+    return {k: np.array(sorted(n for n, ranks in nodes.items() if rank in ranks), np.int64)
+            for k, nodes in sharers.items()}
 
 
 class ShardReducer:
@@ -102,4 +112,4 @@ class ShardReducer:
         return out, sq
 
 
-__all__ = ["ShardReducer"]
+__all__ = ["ShardReducer", "held_blocks"]

@@ -17,9 +17,10 @@ manifest.json (what a reader opens by default) and deletes the tables and manife
 So a checkpoint costs the blocks written since the previous one plus one table, never a copy of the bank, and
 disk use stays at most twice the bank (both slots of every block written since the store was created).
 
-A bank sharded over the ranks of a job (memory/shard.py) is one store in one folder: every rank opens it and
-writes the records of the blocks it updates (its own subtrees', and the shared blocks, whose replicas hold the
-same bytes) into their slots, each block always by the same ranks, so no two ranks ever write different bytes
+A bank sharded over the ranks of a job (memory/shard.py) is one store in one folder: every rank opens it, reads
+the records of its own blocks only (an in-RAM shard; the table is read whole: a few bytes a block), and writes
+the records of the blocks it updates (its own subtrees', and the shared blocks, whose replicas hold the same
+bytes) into their slots, each block always by the same ranks, so no two ranks ever write different bytes
 to one place. commit(g, gather=...) then fsyncs each rank's writes and gathers the table rows of the blocks it
 wrote onto rank 0, which alone writes the merged table-<g>.npz and gen-<g>.json; the trainer's state.json and
 publish() stay rank 0's, after every rank's rows have arrived. The layout is the one a single process writes,

@@ -15,7 +15,8 @@ disk, the bytes read from and written to disk and the cache's hit rate over each
 Under torchrun (train/parallel.py) every process runs this loop on its share of each global batch: the anchor
 is wrapped in DDP or FSDP2; in memory runs each rank trains on the sequences of the subtrees it owns
 (data/sharding.py) and updates only their blocks, the blocks several ranks share being reduced among them
-(memory/shard.py). The global batch (train.batch_size x train.grad_accum sequences) does not depend on the
+(memory/shard.py); an in-RAM bank holds on each rank only the blocks it fetches, with their moments and step
+counts. The global batch (train.batch_size x train.grad_accum sequences) does not depend on the
 world size, so neither do the schedule nor a checkpoint: a run resumes at any world size. Rank 0 alone writes
 the progress bar, metrics.jsonl and the run's files; the bank is written by every rank (memory/store.py).
 """
@@ -44,7 +45,7 @@ from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_write_json, atomic_write_text
 from hiermem.memory.bank import MemoryBank
 from hiermem.memory.files import crash_point
-from hiermem.memory.shard import ShardReducer
+from hiermem.memory.shard import ShardReducer, held_blocks
 from hiermem.memory.spec import GENERIC
 from hiermem.memory.spec import parameter_report, spec_from_config
 from hiermem.model.transformer import Transformer
@@ -150,29 +151,28 @@ class Trainer:
 
         self.bank = self.bank_opt = None
         self.generation = 0  # of the last checkpoint (and of the bank's store in <run>/bank)
-        if cfg.uses_memory and not resume:  # on resume, _load_checkpoint opens the checkpoint's bank
-            if world.distributed:
-                self._shared_bank(init_src)
-            else:
-                self.bank = self._new_bank(init_src, dir=cfg.run_dir / "bank" if cfg.memory.mmap else None)
-                self._place_bank()
-                self.bank_opt = bank_optimizer(self.bank, cfg)
+        # on resume, _load_checkpoint opens the checkpoint's bank; a job's, once its shard plan is known
+        if cfg.uses_memory and not resume and not world.distributed:
+            self.bank = self._new_bank(init_src, dir=cfg.run_dir / "bank" if cfg.memory.mmap else None)
+            self._place_bank()
+            self.bank_opt = bank_optimizer(self.bank, cfg)
 
         self.steps = total_steps(cfg, len(self.dataset))
         per_step = t.batch_size * t.grad_accum
         self.sampler = BatchSampler(len(self.dataset), per_step, seed=t.seed)
         self.shards = self._shard_plan(per_step)
+        self.sharers = self._sharers() if cfg.uses_memory and world.distributed else None
+        if cfg.uses_memory and not resume and world.distributed:
+            self._shared_bank(init_src)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self._unsynced_tokens = 0  # this rank's target tokens not yet added to tokens_seen (summed over ranks)
         if resume:
             self._load_checkpoint(state)
         self.reducer = None
         if self.bank is not None and world.distributed:
-            sharers = {f"level{l}": self.shards[0].sharers(l) for _, l, _, _ in self.bank.spec.level_parts()}
-            if self.bank.spec.generic:
-                sharers[GENERIC] = {0: tuple(range(world.size))}
             comm = self.device if self.device.type == "cuda" else torch.device("cpu")
-            self.reducer = ShardReducer(self.bank.spec, sharers, world.rank, world.size, comm, world.comm_bytes)
+            self.reducer = ShardReducer(self.bank.spec, self.sharers, world.rank, world.size, comm,
+                                        world.comm_bytes)
         self.train_step = TrainStep(cfg, self.model, self.device, self.steps, self.opt, self.bank, self.bank_opt,
                                     world=world, module=self.module, reducer=self.reducer)
         if world.is_main:
@@ -192,23 +192,33 @@ class Trainer:
                                  dtype=m.dtype, cache_bytes=m.cache_bytes, prefetch=m.prefetch > 0)
 
     def _shared_bank(self, init_src: Path | None) -> None:
-        """A job's bank: rank 0 makes it as generation 0 of <run>/bank, then every rank opens that store (the
-        one its checkpoints extend, memory/store.py)."""
-        cfg, m = self.cfg, self.cfg.memory
-        bank_dir = cfg.run_dir / "bank"
+        """A job's bank: rank 0 writes it, block by block (none stays in memory), as generation 0 of <run>/bank
+        with the values one process would make; then every rank opens that store (the one its checkpoints
+        extend, memory/store.py) and reads its own shard of it."""
+        bank_dir = self.cfg.run_dir / "bank"
         if self.world.is_main:
             bank_dir.parent.mkdir(parents=True, exist_ok=True)
-            bank = self._new_bank(init_src, dir=bank_dir if m.mmap else None)
-            if not m.mmap:
-                bank_optimizer(bank, cfg)  # moments (zeros), so that the store holds optimizer state
-                bank.commit(bank_dir, generation=0)
-                bank.publish()
-            del bank
+            self._new_bank(init_src, dir=bank_dir)  # on disk, with room for the moments (zeros); dropped
         self.world.barrier()
-        self.bank = MemoryBank.load(bank_dir, mmap=m.mmap, generation=0, cache_bytes=m.cache_bytes,
-                                    prefetch=m.prefetch > 0)
+        self.bank = self._job_bank(0)
         self._place_bank()
-        self.bank_opt = bank_optimizer(self.bank, cfg)
+        self.bank_opt = bank_optimizer(self.bank, self.cfg)
+
+    def _sharers(self) -> dict[str, dict[int, tuple[int, ...]]]:
+        """Per part of the bank, node id -> the ranks of this job that fetch it (the generic block: all)."""
+        spec = spec_from_config(self.cfg)
+        sharers = {f"level{l}": self.shards[0].sharers(l) for _, l, _, _ in spec.level_parts()}
+        if spec.generic:
+            sharers[GENERIC] = {0: tuple(range(self.world.size))}
+        return sharers
+
+    def _job_bank(self, generation: int) -> MemoryBank:
+        """<run>/bank at `generation`: in a job with the bank in RAM, only this rank's shard of it (the blocks it
+        fetches, memory/shard.py); on disk, the whole store behind the block cache (it reads what is fetched)."""
+        m = self.cfg.memory
+        held = None if m.mmap or self.sharers is None else held_blocks(self.sharers, self.world.rank)
+        return MemoryBank.load(self.cfg.run_dir / "bank", mmap=m.mmap, generation=generation,
+                               cache_bytes=m.cache_bytes, prefetch=m.prefetch > 0, held=held)
 
     def _shard_plan(self, per_step: int):
         """(plan, sampler) when a memory run is split into data shards (several ranks, or train.data_shards on
@@ -284,10 +294,9 @@ class Trainer:
         if self.bank is not None:
             self.bank.commit(self.cfg.run_dir / "bank", generation=g,
                              gather=world.gather if world.distributed else None)
-            if world.distributed:  # per-block step counts only grow: each block's owner has the largest
-                for key, steps in self.bank_opt.steps.items():
-                    merged = world.max_(torch.from_numpy(steps).to(self.reducer.comm_device))
-                    steps[:] = merged.cpu().numpy()
+        bank_opt = self.bank_opt  # in a job: every rank's step counts, on rank 0
+        if self.bank_opt is not None and world.distributed:
+            bank_opt = self.bank_opt.gathered(world.gather)
         named = is_sharded(self.model)
         weights, opt = self.model, self.opt
         if named:
@@ -296,7 +305,7 @@ class Trainer:
                 weights.pop("lm_head.weight", None)
             opt = full_optimizer_state(self.model, self.opt) if self.opt is not None else None
         if world.is_main:
-            write_checkpoint(self.cfg.run_dir / "checkpoint", g, weights, opt, self.bank_opt, {
+            write_checkpoint(self.cfg.run_dir / "checkpoint", g, weights, opt, bank_opt, {
                 "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                 "total_steps": self.steps, "sampler": self._sampler_state(), "world_size": world.size,
                 "optimizer_named": named})
@@ -313,9 +322,7 @@ class Trainer:
             load_optimizer_state(self.model, self.opt, saved, named=state.get("optimizer_named", False))
         self.generation = state["generation"]
         if self.cfg.uses_memory:
-            m = self.cfg.memory
-            self.bank = MemoryBank.load(self.cfg.run_dir / "bank", mmap=m.mmap, generation=self.generation,
-                                        cache_bytes=m.cache_bytes, prefetch=m.prefetch > 0)
+            self.bank = self._job_bank(self.generation)
             self.bank.check_compatible(spec_from_config(self.cfg))
             if self.world.is_main:
                 self.bank.publish()  # a crash may have come between the checkpoint's commit and this

@@ -63,11 +63,6 @@ class World:
             return x
         return int(self.sum_(torch.tensor([x], dtype=torch.int64, device=device)).item())
 
-    def max_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t
-
     def gather(self, obj) -> list | None:
         """Every rank's obj on rank 0 (None elsewhere)."""
         if not self.distributed:
