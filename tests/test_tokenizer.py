@@ -96,3 +96,60 @@ def test_resolve_vocab_rounds_up_and_refuses_a_smaller_model():
     cfg.model.vocab_size = 2048
     with pytest.raises(HiermemError, match="model.vocab_size=2048 is smaller than the tokenizer's 3000"):
         resolve_vocab(cfg, _Tok())
+
+
+def checkpoint_tokenizer(folder, **files):
+    """A tiny tokenizer.json built here whose only specials are <s> and </s> (no <|endoftext|>), in a folder
+    with the given checkpoint files (name -> JSON content)."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HF(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder.mkdir()
+    hf.save(str(folder / "tokenizer.json"))
+    for name, content in files.items():
+        (folder / name).write_text(json.dumps(content))
+    return folder / "tokenizer.json"
+
+
+@pytest.mark.parametrize("files", [
+    {"tokenizer_config.json": {"eos_token": "</s>"}},
+    {"tokenizer_config.json": {"eos_token": {"content": "</s>", "special": True}}},
+    {"tokenizer_config.json": {}, "generation_config.json": {"eos_token_id": [1, 0]}},
+    {"config.json": {"eos_token_id": 1}},
+])
+def test_a_checkpoint_tokenizer_without_endoftext_ends_documents_with_its_own_eos(tmp_path, files):
+    tok = Tokenizer.load(checkpoint_tokenizer(tmp_path / "ckpt", **files))
+    assert (tok.eos_token, tok.eos_id) == ("</s>", 1)
+    assert tok.eos_id not in tok.encode("a </s> b")  # text cannot forge a document boundary
+    (tmp_path / "copy").mkdir()
+    copy = Tokenizer.load(tok.save(tmp_path / "copy"))  # a copy (the data directory's) keeps the eos
+    assert (copy.eos_id, copy.fingerprint()) == (1, tok.fingerprint())
+    assert json.loads((tmp_path / "copy" / "tokenizer_config.json").read_text()) == {"eos_token": "</s>"}
+
+
+def test_a_tokenizer_with_no_eos_anywhere_is_one_line(tmp_path):
+    path = checkpoint_tokenizer(tmp_path / "ckpt", **{"config.json": {"eos_token_id": None}})
+    with pytest.raises(HiermemError, match=r'tokenizer has no "<\|endoftext\|>" token and .* names no eos token') as e:
+        Tokenizer.load(path)
+    assert "\n" not in str(e.value)
+
+
+def test_prepare_records_and_packs_with_the_checkpoint_eos(tmp_path):
+    from hiermem.config import load_config
+    from hiermem.data.prepare import prepare
+
+    path = checkpoint_tokenizer(tmp_path / "ckpt", **{"tokenizer_config.json": {"eos_token": "</s>"}})
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(CORPUS)))
+    cfg = load_config("tiny", [f"data.corpus={corpus}", f"data.dir={tmp_path / 'data'}", f"data.tokenizer={path}",
+                               "data.val_fraction=0.0", "data.seq_len=16", "data.workers=1"])
+    data = prepare(cfg)
+    assert json.loads((data.path / "prepare.json").read_text())["eos_token"] == "</s>"
+    assert data.tokenizer().eos_id == 1
+    packed = data.packed("train", 16)
+    assert packed.meta["eos_id"] == 1 and (packed.tokens == 1).any()  # documents end with </s>

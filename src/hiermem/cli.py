@@ -1,4 +1,4 @@
-"""The `hiermem` command: prepare, cluster, train, eval, generate, params, demo, bench.
+"""The `hiermem` command: prepare, cluster, train, eval, generate, serve, export, lm-eval, params, demo, bench.
 
 Stage commands take `--config PRESET_OR_YAML` plus dot-list overrides (`train.lr=3e-4`); commands on a trained
 run (eval, generate) start from the run's saved config and take dot-list overrides of its inference-time fields
@@ -110,10 +110,48 @@ def cmd_generate(args) -> None:
         print(prompt + text)
 
 
+def cmd_export(args) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from hiermem.hf.export import EXPORT_DIR, export_run
+
+    hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar for a one-line report
+    meta = export_run(args.run, args.out, overrides=args.overrides)
+    trust = ", trust_remote_code=True" if meta["trust_remote_code"] else ""
+    memory = f"; bank, tree and routing in {args.out}/{EXPORT_DIR}" if meta["memory"] else ""
+    print(f"exported {args.run} to {args.out}: {meta['architecture']}, load with "
+          f"AutoModelForCausalLM.from_pretrained({args.out!r}{trust}) or hiermem.hf.MemoryModel{memory}")
+
+
+def cmd_lm_eval(args) -> None:
+    from hiermem.hf.lm_eval import format_results, run_lm_eval
+    from hiermem.io_utils import atomic_write_text
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    results = run_lm_eval(args.run, tasks, memory=args.memory, router=args.router, include_path=args.include_path,
+                          limit=args.limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                          device=args.device)
+    print(format_results(results))
+    if args.output:
+        atomic_write_text(args.output, json.dumps(results, indent=2, default=str) + "\n")
+
+
+def cmd_serve(args) -> None:
+    from hiermem.serve.app import serve
+
+    serve(args.run, args.overrides, memory=args.memory, router=args.router, block_level=args.block_level,
+          device=args.device, host=args.host, port=args.port, max_batch=args.max_batch,
+          max_waiting=args.max_waiting, served_model_name=args.served_model_name)
+
+
 def cmd_params(args) -> None:
     from hiermem.memory.spec import parameter_report
 
     cfg = _config(args)
+    if cfg.model.hf:  # post-hoc memories: the model (and so the bank) has the checkpoint's shape, not the preset's
+        from hiermem.model.hf.causal_lm import checkpoint_shape
+
+        cfg.model = checkpoint_shape(cfg.model)[0]
     if cfg.model.vocab_size == 0:
         raise HiermemError("params: set model.vocab_size (it is otherwise taken from the tokenizer)")
     report = parameter_report(cfg)
@@ -148,7 +186,11 @@ def cmd_corpus(args) -> None:
 def cmd_bench(args) -> None:
     from hiermem.bench import run_suite
 
-    run_suite(args.suite, out=args.out, quick=args.quick)
+    # suite options, passed only when given (a suite that has no such option refuses it in one line)
+    options = {k: v for k, v in (("size_mb", args.size_mb), ("encoder", args.encoder)) if v is not None}
+    if options and args.suite != "data":
+        raise HiermemError(f"bench: --size-mb and --encoder are options of --suite data, not {args.suite}")
+    run_suite(args.suite, out=args.out, quick=args.quick, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +226,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("export", help="write a run's anchor as a transformers model (+ tokenizer, bank, tree)",
+                       epilog=C.fields_help(C.inference_keys(), "overrides: the run's saved config applies; these "
+                                            "inference-time fields may change, as key=value:"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run directory")
+    p.add_argument("out", help="new output folder")
+    p.add_argument("overrides", nargs="*",
+                   help="dot-list overrides of the run's inference-time fields, e.g. data.dir=...")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("lm-eval", help="lm-eval-harness tasks on a run (or an export), each request routed by "
+                       "its context")
+    p.add_argument("run", help="run directory or `hiermem export` folder")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--memory", choices=C.MEMORY_MODES, default=None,
+                   help="memory at inference (default: fetched for memory runs, none otherwise)")
+    p.add_argument("--router", choices=C.choices("routing.router"), default=None, help="default: the run's")
+    p.add_argument("--include_path", default=None, help="folder of extra task YAMLs")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (< 1: a fraction)")
+    p.add_argument("--batch_size", type=int, default=8, help="requests per forward pass")
+    p.add_argument("--num_fewshot", type=int, default=None)
+    p.add_argument("--device", choices=C.choices("train.device"), default=None, help="default: the run's")
+    p.add_argument("--output", default=None, help="also write lm-eval's results as JSON here")
+    p.set_defaults(func=cmd_lm_eval)
+
+    p = _run_parser(sub, "serve", "an OpenAI-compatible server (/v1/completions, /v1/chat/completions, /metrics) "
+                    "with the memory explorer at /; --memory/--router/--block-level are the requests' defaults")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-waiting", type=int, default=64,
+                   help="sequences queued beyond the batch before requests get 429 (default 64)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: RUN as given)")
+    p.set_defaults(func=cmd_serve)
+
     p = _stage_parser(sub, "params", "parameter accounting (anchor / fetched / bank) without allocating")
     p.set_defaults(func=cmd_params)
 
@@ -191,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small version (< 3 minutes); = --preset demo-quick")
     p.add_argument("--preset", default=None,
                    help="demo preset name or YAML path (hiermem_experiments/longtail/presets): demo-cpu, the "
-                        "default (about 8-10 minutes on 2 cores); demo-quick; demo-gpu / demo-160m: shapes for one GPU")
+                        "default (2 epochs, about 5-6 minutes on 2 cores); demo-full (3 epochs + the anchor_staged control); "
+                        "demo-quick; demo-gpu / demo-160m: shapes for one GPU")
     p.add_argument("--out", default=None, help="output folder (default runs/demo, else runs/<preset>)")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes")
     p.add_argument("overrides", nargs="*", help="dot-list overrides for every run, e.g. routing.encoder=wordllama")
@@ -208,10 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from hiermem.bench import SUITES
 
-    p = sub.add_parser("bench", help="benchmark suites (train: the trainer's step, anchor vs memory), JSON + table")
+    p = sub.add_parser("bench", help="benchmark suites (train: the trainer's step, anchor vs memory; "
+                       "data: prepare/cluster at 1x/2x/4x corpus), JSON + table")
     p.add_argument("--suite", default="train", choices=sorted(SUITES))
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--size-mb", type=float, default=None, help="data: MB of text of the 1x corpus (2x, 4x follow)")
+    p.add_argument("--encoder", choices=C.choices("routing.encoder"), default=None,
+                   help="data: the encoder cluster runs (default wordllama)")
     p.set_defaults(func=cmd_bench)
     return ap
 

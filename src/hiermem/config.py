@@ -48,6 +48,8 @@ def section(cls, help: str):
 
 @dataclass
 class ModelConfig:
+    hf: str = setting("", "a local transformers checkpoint folder to add memories to post hoc (train.mode frozen or "
+                      "cotrain); its shape replaces the model.* shape keys below; '' = the native anchor")
     vocab_size: int = setting(0, "embedding rows; 0 = the tokenizer's size rounded up to a multiple of 64")
     n_layers: int = setting(4, "transformer blocks", min=1)
     d_model: int = setting(128, "residual stream width", min=1)
@@ -339,6 +341,14 @@ def check_training(cfg: Config) -> None:
     """What a training run needs beyond a valid config (called by the Trainer, so that `hiermem params` and
     `hiermem prepare` take a cotrain preset that names no anchor yet)."""
     t = cfg.train
+    if cfg.model.hf:  # post-hoc memories: the checkpoint is the anchor
+        if t.mode not in ("frozen", "cotrain"):
+            raise HiermemError(f"config: model.hf trains memories on the checkpoint: train.mode frozen or cotrain, "
+                               f"not {t.mode}")
+        if t.init_from or t.compile:
+            raise HiermemError("config: model.hf takes neither train.init_from (the checkpoint is the anchor) nor "
+                               "train.compile")
+        return
     if t.mode in ("frozen", "cotrain") and not t.init_from:
         hint = "; train.mode=scratch trains anchor and memory from random initialisation" if t.mode == "cotrain" else ""
         raise HiermemError(f"config: train.mode={t.mode} needs train.init_from (a trained anchor run directory){hint}")
@@ -454,7 +464,7 @@ def resolve_paths(cfg: Config) -> Config:
     out = from_dict(to_dict(cfg))
     out.data.dir = str(cfg.data_dir.resolve())
     out.train.run_dir = str(cfg.run_dir.resolve())
-    for section, key in (("data", "corpus"), ("data", "tokenizer"), ("train", "init_from")):
+    for section, key in (("data", "corpus"), ("data", "tokenizer"), ("train", "init_from"), ("model", "hf")):
         value = getattr(getattr(cfg, section), key)
         if value:
             setattr(getattr(out, section), key, str(Path(value).resolve()))

@@ -3,11 +3,12 @@ directory, streaming (peak memory does not grow with the corpus) and resumable.
 
 <data dir>/
   tokenizer.json      byte-level BPE (trained on a sample of the training split, or a user's tokenizer copied in)
+  tokenizer_config.json  only for a user's tokenizer without "<|endoftext|>": its eos token, the documents' end
   index/              where each document lies in the corpus files, and its id (data/shards.py). Texts are read
                       from the corpus itself: a corpus file that changed since is refused when read.
   doc_tokens/         flat memory-mapped token store (packing.DocTokens)
   split.npy           bool per document: True = held out for validation
-  prepare.json        what made this folder (data config, corpus, tokenizer fingerprint); written last
+  prepare.json        what made this folder (data config, corpus, tokenizer fingerprint, eos token); written last
 A later stage refuses a data directory made by another data config or tokenizer.
 
 The stages: (1) index every shard (format errors stop here, naming file and line); (2) check ids for repeats
@@ -333,6 +334,7 @@ class _Build:
         atomic_write_json(out / "prepare.json", {
             "key": _prepare_key(self.cfg), "n_docs": n, "n_val": n_val, "n_tokens": n_tokens,
             "tokenizer_fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size, "format": 2,
+            "eos_token": tok.eos_token,
             "n_shards": len(self.shards), "tokenizer_sample": st["sample"]})
         shutil.rmtree(self.work, ignore_errors=True)
 

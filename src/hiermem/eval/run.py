@@ -2,7 +2,8 @@
 
 A run holds everything inference needs besides the data directory: config.yaml (with resolved, absolute data
 paths, so the run loads from any working directory), tokenizer.json, tree.npz, anchor.safetensors, bank/ and
-run.json (the on-disk format version). An unfinished run loads from its last checkpoint: its anchor weights and
+run.json (the on-disk format version). A post-hoc run (model.hf) names its base checkpoint in config.yaml;
+with a frozen base its anchor.safetensors holds no weights. An unfinished run loads from its last checkpoint: its anchor weights and
 the bank generation that checkpoint names. The bank opens read-only, in RAM or (memory.mmap=true) on disk behind
 a block cache of memory.cache_bytes.
 """
@@ -18,7 +19,7 @@ from hiermem.device import resolve_device
 from hiermem.errors import HiermemError
 from hiermem.memory.bank import MemoryBank
 from hiermem.memory.spec import spec_from_config
-from hiermem.model.transformer import Transformer
+from hiermem.model.build import build_model
 from hiermem.routing.clustering import Clustering, load_clustering
 from hiermem.routing.tree import Tree
 from hiermem.train.checkpoint import RUN_FORMAT_VERSION, load_state, load_weights, read_run_format
@@ -33,7 +34,7 @@ class Run:
         if self.tokenizer.vocab_size > self.cfg.model.vocab_size:
             raise HiermemError(f"{self.path}/tokenizer.json: vocabulary larger than the model's (another tokenizer?)")
         self.device = resolve_device(device if device != "auto" else self.cfg.train.device)
-        self.model = Transformer(self.cfg.model).to(self.device).eval()
+        self.model = build_model(self.cfg).to(self.device).eval()  # model.hf: the checkpoint (frozen: as is)
         weights, bank_dir, generation = self.path / "anchor.safetensors", self.path / "bank", None
         if not weights.is_file():  # an unfinished run: its last checkpoint, anchor and bank of the same step
             ckpt = self.path / "checkpoint"

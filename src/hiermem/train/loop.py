@@ -24,9 +24,11 @@ the progress bar, metrics.jsonl and the run's files; the bank is written by ever
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -35,7 +37,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hiermem.config import Config, check_training, diff_fields, read_config, resolve_paths, save_config, to_dict
+from hiermem.config import (Config, check_training, diff_fields, from_dict, read_config, resolve_paths, save_config,
+                             to_dict)
 from hiermem.data.packing import PAD_SEGMENT, BatchSampler
 from hiermem.data.prepare import DataDir
 from hiermem.data.sharding import ShardedSampler, plan_shards, rank_pools
@@ -48,6 +51,7 @@ from hiermem.memory.files import crash_point
 from hiermem.memory.shard import ShardReducer, held_blocks
 from hiermem.memory.spec import GENERIC
 from hiermem.memory.spec import parameter_report, spec_from_config
+from hiermem.model.build import build_model
 from hiermem.model.transformer import Transformer
 from hiermem.routing.clustering import load_clustering
 from hiermem.train.checkpoint import (RUN_FORMAT_VERSION, load_state, load_weights, read_run_format, save_weights,
@@ -108,10 +112,34 @@ def _init_from(cfg: Config, model: Transformer, tok: Tokenizer) -> Path | None:
     return src
 
 
+def _checkpoint_shape(cfg: Config) -> tuple[Config, list[str]]:
+    """Post-hoc memories (model.hf): the model's shape is the checkpoint's; notes name the preset's keys it
+    replaces."""
+    if not cfg.model.hf:
+        return cfg, []
+    from hiermem.model.hf.causal_lm import checkpoint_shape
+
+    model, notes = checkpoint_shape(cfg.model)
+    return from_dict({**to_dict(cfg), "model": dataclasses.asdict(model)}), notes
+
+
+def _check_hf_tokenizer(cfg: Config, tok: Tokenizer) -> None:
+    """A post-hoc run's data must be tokenised with the checkpoint's own tokenizer (same ids)."""
+    if not cfg.model.hf:
+        return
+    path = Path(cfg.model.hf) / "tokenizer.json"
+    if not path.is_file():
+        raise HiermemError(f"{cfg.model.hf}: no tokenizer.json (a post-hoc run packs with the checkpoint's tokenizer)")
+    if Tokenizer.load(path).fingerprint() != tok.fingerprint():
+        raise HiermemError(f"{cfg.data_dir}: tokenised with another tokenizer than {path} (prepare the data with "
+                           f"data.tokenizer={path})")
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
         check_training(cfg)  # the train.mode / train.init_from rules
         cfg = resolve_paths(cfg)  # the saved config names absolute paths: the run loads from anywhere
+        cfg, notes = _checkpoint_shape(cfg)
         self.cfg = cfg
         t = cfg.train
         if t.threads > 0:
@@ -120,6 +148,9 @@ class Trainer:
         self.world = init_world(device, t.dist_timeout_s)
         self.device = self.world.device(device)
         self.progress = progress and self.world.is_main
+        if self.world.is_main:
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
         with collective_errors(self.world, t.dist_timeout_s):
             self._setup(resume)
 
@@ -128,6 +159,7 @@ class Trainer:
         self.data = DataDir(cfg.data_dir)
         self.data.check(cfg)
         tok = self.data.tokenizer()
+        _check_hf_tokenizer(cfg, tok)
         resolve_vocab(cfg, tok)  # before comparing with a saved config, which holds the resolved size
         _check_run_dir(cfg, resume)
         world.barrier()  # every rank has checked the run directory before rank 0 writes into it
@@ -139,7 +171,7 @@ class Trainer:
                                             self.clustering.tree.fingerprint())
         else:
             self.dataset = self.data.packed("train", cfg.data.seq_len)
-        self.model = Transformer(cfg.model).to(self.device)
+        self.model = build_model(cfg).to(self.device)
         init_src = _init_from(cfg, self.model, tok)
         if t.mode == "frozen":
             self.model.requires_grad_(False)
@@ -180,6 +212,8 @@ class Trainer:
             write_run_format(cfg.run_dir)
             save_config(cfg, cfg.run_dir / "config.yaml")
             shutil.copyfile(self.data.path / "tokenizer.json", cfg.run_dir / "tokenizer.json")
+            if (self.data.path / "tokenizer_config.json").is_file():  # a checkpoint's own eos (not <|endoftext|>)
+                shutil.copyfile(self.data.path / "tokenizer_config.json", cfg.run_dir / "tokenizer_config.json")
             if cfg.uses_memory:
                 self.clustering.tree.save(cfg.run_dir / "tree.npz")
 
