@@ -17,6 +17,7 @@ from hiermem.errors import HiermemError
 from hiermem.memory.bank import MemoryBank
 from hiermem.memory.spec import spec_from_config
 from hiermem.memory.store import BlockStore
+from hiermem.train.flops import flops_per_token
 from hiermem.train.loop import Trainer, as_numbers, total_steps, train
 from hiermem.train.step import generic_draw
 
@@ -343,6 +344,10 @@ def test_metrics_report_memory_use_per_level(make):
         assert r["distinct_fetched"][0] <= r["distinct_fetched"][1]  # a level-1 node is fetched via a leaf
         assert 0.0 <= r["generic_frac"] <= 1.0 and r["lr_memory"] > 0
         assert math.isfinite(r["loss"]) and r["grad_norm"] > 0
+        # model FLOP/s by train/flops.py's count (anchor + fetched neurons); no MFU without a known accelerator peak
+        run_cfg = read_config(cfg.run_dir / "config.yaml")  # the vocabulary resolved from the tokenizer
+        fl = flops_per_token(run_cfg.model, run_cfg.data.seq_len, spec_from_config(run_cfg))
+        assert r["tflops"] == pytest.approx(r["tok_per_s"] * (fl["anchor"] + fl["memory"]) / 1e12) and "mfu" not in r
         block = 2 * 3 * 8 * 64 * 4  # bytes of a level block: n_mem_layers x (gate, up, down) x r x d, float32
         assert r["fetched_bytes"] == block * (sum(r["blocks_updated"]) + 2 * (r["generic_frac"] > 0))
         assert "disk_read_bytes" not in r  # a bank in RAM reads nothing from disk

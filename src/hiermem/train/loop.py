@@ -58,6 +58,7 @@ from hiermem.train.checkpoint import (RUN_FORMAT_VERSION, load_state, load_weigh
                                       write_checkpoint, write_run_format)
 from hiermem.train.parallel import (collective_errors, full_model_state, full_optimizer_state, init_world,
                                     is_sharded, load_optimizer_state, wrap_anchor)
+from hiermem.train.flops import flops_per_token, peak_flops
 from hiermem.train.step import TrainStep, anchor_optimizer, bank_optimizer
 
 
@@ -430,6 +431,18 @@ class Trainer:
         return prefetch
 
     # -- the loop --------------------------------------------------------------------------------------
+    def _flop_rate(self, tok_per_s: float) -> dict:
+        """Model TFLOP/s of the job (train/flops.py's count) and, on an accelerator whose peak is known, MFU
+        (per device: the job's rate over world size x peak)."""
+        spec = spec_from_config(self.cfg) if self.cfg.uses_memory else None
+        fl = flops_per_token(self.cfg.model, self.cfg.data.seq_len, spec)
+        flops = tok_per_s * (fl["anchor"] + fl["memory"])
+        rec = {"tflops": flops / 1e12}
+        peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        if peak:
+            rec["mfu"] = flops / (peak * self.world.size)
+        return rec
+
     def run(self, stop_at: int | None = None) -> dict:
         """Train to the end (or to step `stop_at`, for tests of --resume); returns a summary."""
         with collective_errors(self.world, self.cfg.train.dist_timeout_s):
@@ -462,7 +475,7 @@ class Trainer:
                     rec = {"step": self.step, "total_steps": self.steps,
                            **{k: v for k, v in last.items() if k != "tokens"},
                            "tokens_seen": self.tokens_seen, "tok_per_s": rate, "elapsed": self.elapsed,
-                           "world_size": self.world.size}
+                           "world_size": self.world.size, **self._flop_rate(rate)}
                     if fetched_before is not None:  # evidence that the memory is used
                         now = counts.snapshot()
                         rec["distinct_fetched"] = [int(((n - b) > 0).sum()) for n, b in zip(now, fetched_before)]
