@@ -101,7 +101,7 @@ class TrainStep:
     def __call__(self, batch: dict[str, torch.Tensor], step: int) -> dict:
         if self.world is not None:
             return self._distributed(batch, step)
-        cfg, t, m = self.cfg, self.cfg.train, self.cfg.memory
+        cfg, t = self.cfg, self.cfg.train
         lr = warmup_cosine(step, self.total_steps, t.lr, t.lr_min, t.warmup_steps)
         B = batch["input_ids"].shape[0]
         out: dict = {"lr": lr}
@@ -132,28 +132,11 @@ class TrainStep:
         bg = block_grads(f, self.bank.device) if f is not None else None
         if bg is not None:
             sq = sq + bg.norm_sq().to(sq.device)
-        norm = sq.sqrt()
-        if t.grad_clip > 0:  # one global norm over anchor and fetched memory; no host sync
-            scale = torch.where(norm > t.grad_clip, t.grad_clip / (norm + 1e-6), torch.ones_like(norm))
-            if grads:
-                torch._foreach_mul_(grads, scale)
-            if bg is not None:
-                bg.scale_(scale.to(self.bank.device))
-        if self.anchor_opt is not None:
-            for group in self.anchor_opt.param_groups:
-                group["lr"] = lr
-            self.anchor_opt.step()
-            self.anchor_opt.zero_grad(set_to_none=True)
-        out.update(loss=loss_sum, grad_norm=norm)
-        if bg is not None:
-            lr_mem = warmup_cosine(step, self.total_steps, m.lr, m.lr_min, m.warmup_steps)
-            out.update(lr_memory=lr_mem, blocks_updated=self.bank_opt.step(bg, lr_mem),
-                       generic_frac=float(use_generic.float().mean()), fetched_bytes=f.nbytes)
-        return out
+        return self._update(out, grads, bg, sq.sqrt(), loss_sum, lr, step, f, use_generic)
 
     def _distributed(self, batch: dict[str, torch.Tensor], step: int) -> dict:
         """The same step as __call__'s, on one rank of a job (see the class docstring)."""
-        cfg, t, m, world = self.cfg, self.cfg.train, self.cfg.memory, self.world
+        t, world = self.cfg.train, self.world
         lr = warmup_cosine(step, self.total_steps, t.lr, t.lr_min, t.warmup_steps)
         B = batch["input_ids"].shape[0]
         out: dict = {"lr": lr}
@@ -192,7 +175,13 @@ class TrainStep:
             bg, sq_mem = self.reducer.reduce(bg, f.rows_per_block)
             sq = sq + sq_mem.to(sq.device)
         totals = world.sum_(torch.stack([sq, loss_sum]))
-        norm, loss_sum = totals[0].sqrt(), totals[1]
+        return self._update(out, grads, bg, totals[0].sqrt(), totals[1], lr, step, f, use_generic)
+
+    def _update(self, out: dict, grads: list, bg, norm: torch.Tensor, loss_sum: torch.Tensor, lr: float, step: int,
+                f, use_generic) -> dict:
+        """Clip by the one global norm (anchor and fetched memory together; no host sync), then the anchor's AdamW
+        and the bank's lazy AdamW on the fetched blocks. Shared by the one-process and the distributed step."""
+        t, m = self.cfg.train, self.cfg.memory
         if t.grad_clip > 0:
             scale = torch.where(norm > t.grad_clip, t.grad_clip / (norm + 1e-6), torch.ones_like(norm))
             if grads:
