@@ -277,14 +277,7 @@ class DocIndex:
                 yield shard.fmt, raw
 
     def iter_texts(self, batch_size: int = 1024, start: int = 0, stop: int | None = None) -> Iterator[list[str]]:
-        batch: list[str] = []
-        for fmt, raw in self.iter_raw(start, stop):
-            batch.append(decode_raw(fmt, raw))
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        return _batches((decode_raw(fmt, raw) for fmt, raw in self.iter_raw(start, stop)), batch_size)
 
     def texts_at(self, indices) -> list[str]:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -336,14 +329,7 @@ class LegacyDocs:
         return self._n
 
     def iter_texts(self, batch_size: int = 1024, start: int = 0) -> Iterator[list[str]]:
-        batch: list[str] = []
-        for row in itertools.islice(self._rows(), start, None):
-            batch.append(row["text"])
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        return _batches((row["text"] for row in itertools.islice(self._rows(), start, None)), batch_size)
 
     def texts_at(self, indices) -> list[str]:
         idx = [int(i) for i in np.asarray(indices, dtype=np.int64).reshape(-1)]
@@ -366,3 +352,9 @@ class LegacyDocs:
                 batch = []
         if batch:
             yield batch
+
+
+def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    """Consecutive lists of `size` items (the last one shorter), read lazily."""
+    while batch := list(itertools.islice(items, size)):
+        yield batch
