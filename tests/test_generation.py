@@ -203,3 +203,167 @@ def test_an_empty_prompt_is_refused_in_one_line(model):
 
     with pytest.raises(HiermemError, match=r"prompt 2 of 2 is empty"):
         generate_ids(model, [[5, 6], []], max_new_tokens=3)
+
+
+# --- continuous batching: sequences join and leave a running batch ------------------------------------------
+
+from hiermem.eval.generation import (BatchDecoder, Sampling, Sequence, TextStream, stack_memory,  # noqa: E402
+                                     take_memory)
+
+
+def alone(model, prompt, n, memory=None, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+    """The cache-free reference: the prompt by itself, the whole sequence recomputed at every step."""
+    return generate_ids(model, [prompt], memory=memory, max_new_tokens=n, use_cache=False, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed)[0]
+
+
+def test_sequences_joining_a_running_batch_decode_as_they_would_alone(model):
+    """Three groups join at steps 0, 3 and 5, each with its own rows of memory (one row without any), greedy
+    and sampled rows mixed: every sequence's tokens equal its cache-free decoding alone."""
+    ps = prompts(3, 9, 1, 14, 6, 2)
+    mem = random_memory(len(ps))
+    row = lambda i: mem.rows(slice(i, i + 1))  # noqa: E731
+    sampled = dict(temperature=0.9, top_k=20, seed=7)
+    spec = [(0, {}, row(0)), (1, sampled, row(1)), (2, {}, None), (3, {}, row(3)), (4, sampled, row(4)), (5, {}, row(5))]
+    seqs = [Sequence(ps[i], 10, Sampling(**kw)) for i, kw, _ in spec]
+    decoder = BatchDecoder(model)
+    joins = {0: [0, 1, 2], 3: [3, 4], 5: [5]}
+    for step in range(20):
+        if step in joins:
+            group = joins[step]
+            decoder.add([seqs[i] for i in group], stack_memory([(spec[i][2], 1) for i in group]))
+        elif decoder.seqs:
+            decoder.step()
+    assert not decoder.seqs and all(s.finish_reason == "length" for s in seqs)
+    for (i, kw, m), s in zip(spec, seqs):
+        assert s.tokens == alone(model, ps[i], 10, memory=m, **kw), i
+    assert seqs[2].tokens != alone(model, ps[2], 10, memory=row(2))  # row 2 really had no memory
+
+
+def test_a_dropped_sequence_leaves_the_others_unchanged(model):
+    ps = prompts(5, 12, 3)
+    mem = random_memory(3)
+    seqs = [Sequence(p, 9) for p in ps]
+    decoder = BatchDecoder(model)
+    decoder.add(seqs, mem)
+    for step in range(8):
+        if step == 2:
+            decoder.drop([seqs[1]])
+        decoder.step()
+    assert seqs[1].finish_reason == "cancelled" and len(seqs[1].tokens) == 3
+    for i in (0, 2):
+        assert seqs[i].tokens == alone(model, ps[i], 9, memory=mem.rows(slice(i, i + 1)))
+    assert decoder.cache is None and decoder.memory is None  # everything left: nothing is kept
+
+
+def test_sampled_rows_do_not_depend_on_their_batch(model):
+    ps = prompts(4, 7, 2)
+    kw = dict(temperature=1.2, top_p=0.9)
+    batch = [Sequence(p, 12, Sampling(seed=3, **kw)) for p in ps]
+    decoder = BatchDecoder(model)
+    decoder.add(batch)
+    while decoder.seqs:
+        decoder.step()
+    for p, s in zip(ps, batch):
+        assert s.tokens == alone(model, p, 12, seed=3, **kw)
+
+
+def test_stacked_and_selected_memory_keeps_each_rows_neurons():
+    a, b = random_memory(3, seed=1), random_memory(2, seed=2)
+    stacked = stack_memory([(a, 3), (None, 2), (b, 2)])
+    n = stacked.neurons()
+    torch.testing.assert_close(n[:3], a.neurons(), rtol=0, atol=0)
+    assert (n[3:5] == 0).all()
+    torch.testing.assert_close(n[5:], b.neurons(), rtol=0, atol=0)
+    kept = take_memory(stacked, torch.tensor([6, 0]))
+    torch.testing.assert_close(kept.neurons(), torch.stack([n[6], n[0]]), rtol=0, atol=0)
+    assert len(kept.parts[0].weights) == 2  # only the blocks still used
+    assert take_memory(stacked, torch.tensor([3, 4])) is None
+    assert stack_memory([(None, 2)]) is None
+
+
+def test_logprobs_are_the_models_own_distribution(model):
+    (p,) = prompts(6)
+    seq = Sequence(p, 4, Sampling(temperature=2.0, seed=1), logprobs=3)
+    decoder = BatchDecoder(model)
+    steps = [decoder.add([seq])[0]] + [decoder.step()[0] for _ in range(3)]
+    ids = list(p)
+    for st in steps:
+        with torch.no_grad():
+            full = model(torch.tensor([ids]))[0][0, -1].log_softmax(-1)
+        assert st.logprob == pytest.approx(float(full[st.token]), abs=1e-4)
+        assert [t for t, _ in st.top] == full.topk(3).indices.tolist()
+        ids.append(st.token)
+
+
+def test_logit_bias_and_penalties(model):
+    (p,) = prompts(5)
+    forced = Sequence(p, 6, Sampling(logit_bias={42: 100.0}))
+    BatchDecoder(model).add([forced])
+    plain = generate_ids(model, [p], max_new_tokens=24)[0]
+    penalised = Sequence(p, 24, Sampling(frequency_penalty=2.0, presence_penalty=2.0))
+    decoder = BatchDecoder(model)
+    decoder.add([penalised])
+    while decoder.seqs:
+        decoder.step()
+    assert forced.tokens[0] == 42
+    assert len(set(penalised.tokens)) > len(set(plain))  # repeating costs: more distinct tokens
+
+
+def test_a_prompt_past_the_context_is_refused(model):
+    from hiermem.errors import HiermemError
+
+    with pytest.raises(HiermemError, match="exceeds the model's context of 32 tokens"):
+        BatchDecoder(model).add([Sequence(prompts(30)[0], 4)])
+
+
+# --- stop strings ------------------------------------------------------------------------------------------
+
+
+def stream_of(pieces, stops):
+    """Feed TextStream the tokens of `pieces` (each one token's bytes, decoded as a byte-level BPE does) one at
+    a time; what it sends after each, and whether a stop string ended it."""
+    pieces = [p.encode() if isinstance(p, str) else p for p in pieces]
+    s = TextStream(lambda toks: b"".join(pieces[t] for t in toks).decode("utf-8", errors="replace"), stops)
+    sent, tokens = [], []
+    for t in range(len(pieces)):
+        tokens.append(t)
+        if s(tokens):
+            sent.append(s.take())
+            return sent, True
+        sent.append(s.take())
+    sent.append(s.take(final=True))
+    return sent, False
+
+
+def test_a_stop_string_across_tokens_ends_the_text_before_it():
+    sent, stopped = stream_of(["Hello", " wor", "ld\nUs", "er: hi"], ["\nUser:"])
+    assert stopped and "".join(sent) == "Hello world"
+    assert sent == ["Hello", " wor", "ld", ""]  # "\nUs" might begin the stop string: held back, then cut
+
+
+def test_held_back_text_is_sent_once_it_cannot_be_a_stop_string():
+    sent, stopped = stream_of(["a\nU", "nder", " it"], ["\nUser:"])
+    assert not stopped and sent == ["a", "\nUnder", " it", ""]
+    sent, _ = stream_of(["x", "\nU"], ["\nUser:"])
+    assert sent == ["x", "", "\nU"]  # the sequence ended: nothing is held back any more
+
+
+def test_an_unfinished_utf8_character_waits_for_its_last_byte():
+    sent, _ = stream_of([b"caf", b"\xc3", b"\xa9!"], [])  # "é" is split over two tokens
+    assert sent == ["caf", "", "é!", ""]
+
+
+def test_stop_strings_in_a_decoding_batch(model):
+    (p,) = prompts(4)
+    full = generate_ids(model, [p], max_new_tokens=12)[0]
+    decode = lambda toks: "".join(f"<{t}>" for t in toks)  # noqa: E731
+    stop = f"<{full[4]}><{full[5]}>"
+    text = TextStream(decode, [stop])
+    seq = Sequence(p, 12, stop=text)
+    decoder = BatchDecoder(model)
+    decoder.add([seq])
+    while decoder.seqs:
+        decoder.step()
+    first = decode(full).find(stop)
+    assert seq.finish_reason == "stop" and text.text == decode(full)[:first]

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import importlib
 
-# name -> "module" (its run()) or "module:function"; later suites (serve, chaos) join here
-SUITES = {"train": "hiermem.bench.train_throughput", "scale": "hiermem.bench.bank_scale",
-          "fetch": "hiermem.bench.bank_scale:run_fetch", "distributed": "hiermem.bench.distributed"}
+# name -> "module" (its run()) or "module:function"; a later chaos suite joins here
+SUITES = {
+    "train": "hiermem.bench.train_throughput",  # the trainer's step: anchor vs anchor + memory
+    "scale": "hiermem.bench.bank_scale",  # training with the bank + optimizer state on disk vs in RAM
+    "fetch": "hiermem.bench.bank_scale:run_fetch",  # one path from disk, cold and warm, vs a raw read
+    "distributed": "hiermem.bench.distributed",  # 1 vs 2 processes; bytes all-reduced per step
+    "decode": "hiermem.bench.decode",  # generation with and without the KV cache and memory
+    "serve": "hiermem.bench.serve_load",  # concurrent OpenAI clients against hiermem serve
+}
 
 
 def run_suite(name: str, out: str, quick: bool = False, **options) -> dict:
