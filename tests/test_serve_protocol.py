@@ -1,6 +1,8 @@
 """serve/protocol.py: strict parsing (a wrong type is an error, never coerced), the field named in the error,
 the unsupported values refused, the chat template."""
 
+import json
+
 import pytest
 
 from hiermem.serve.protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, chat_prompt,
@@ -72,3 +74,32 @@ def test_legacy_logprobs_offsets():
     lp = completion_logprobs([("He", -0.5, [("He", -0.5), ("A", -1.0)]), ("llo", -0.1, None)], offset=3)
     assert lp == {"tokens": ["He", "llo"], "token_logprobs": [-0.5, -0.1],
                   "top_logprobs": [{"He": -0.5, "A": -1.0}, None], "text_offset": [3, 5]}
+
+
+def _checkpoint_tokenizer(folder, chat_template):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["</s>", "<unk>", "hi", "there", "user", "assistant"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "unk_token": "<unk>"}
+    if chat_template:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_checkpoint_chat_template_renders_with_transformers_and_routes_on_the_last_user_turn(tmp_path):
+    from hiermem.serve.protocol import checkpoint_chat_template
+
+    template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    render = checkpoint_chat_template(str(_checkpoint_tokenizer(tmp_path / "ckpt", template)))
+    msgs = [ChatMessage(role="developer", content="be brief"), ChatMessage(role="user", content="hi there"),
+            ChatMessage(role="assistant", content="hi"), ChatMessage(role="user", content="where is Paris?")]
+    prompt, route = render(msgs)
+    assert prompt == "<|system|>be brief\n<|user|>hi there\n<|assistant|>hi\n<|user|>where is Paris?\n<|assistant|>"
+    assert route == "where is Paris?"
+    assert checkpoint_chat_template(str(_checkpoint_tokenizer(tmp_path / "plain", None))) is None

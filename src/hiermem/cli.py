@@ -83,6 +83,8 @@ def cmd_train(args) -> None:
     if "bank" in p:
         acct += f" / fetched {p['fetched']:,} / bank {p['bank']:,}"
     loss = summary["final_loss"]  # None when there was no step left to run
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone reports
+        return
     print(f"trained {cfg.run_dir}: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
           f"{summary['elapsed_s']:.1f}s, final loss {'-' if loss is None else f'{loss:.4f}'}; parameters: {acct}")
 

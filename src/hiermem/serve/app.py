@@ -28,8 +28,8 @@ from hiermem.serve.engine import Admitted, Choice, Delta, Engine, Failed, Job
 from hiermem.serve.explore import Explorer
 from hiermem.serve.metrics import Metrics
 from hiermem.serve.protocol import (CHAT_STOP, APIError, ChatCompletionRequest, CompletionRequest, RouteRequest,
-                                    bad_request, chat_logprobs, chat_prompt, completion_logprobs, envelope, new_id,
-                                    parse, usage)
+                                    bad_request, chat_logprobs, chat_prompt, checkpoint_chat_template,
+                                    completion_logprobs, envelope, new_id, parse, usage)
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20  # far above any prompt that fits a model's context
@@ -107,6 +107,8 @@ class _Builder:
     def __init__(self, run: Run, defaults: Defaults, model_name: str):
         self.run, self.defaults, self.model_name = run, defaults, model_name
         self.tok, self.context = run.tokenizer, run.cfg.model.max_seq_len
+        # a post-hoc run on a Hugging Face checkpoint talks in the checkpoint's own chat template, if it has one
+        self.template = checkpoint_chat_template(run.cfg.model.hf) if run.cfg.model.hf else None
 
     def memory_of(self, req) -> tuple[str, str, int | None]:
         if req.model is not None and req.model != self.model_name:
@@ -182,10 +184,10 @@ class _Builder:
 
     def chat(self, req: ChatCompletionRequest) -> Job:
         req.check()
-        prompt, route_text = chat_prompt(req.messages)
+        prompt, route_text = (self.template or chat_prompt)(req.messages)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return self.job(req, [(self.tok.encode(prompt), route_text)], req.limit(), "messages",
-                        req.stops() + [CHAT_STOP], logprobs)
+        stops = req.stops() + ([] if self.template else [CHAT_STOP])
+        return self.job(req, [(self.tok.encode(prompt), route_text)], req.limit(), "messages", stops, logprobs)
 
 
 async def _next(job: Job):

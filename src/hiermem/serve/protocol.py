@@ -207,6 +207,27 @@ def chat_prompt(messages: list[ChatMessage]) -> tuple[str, str]:
     return "\n".join(lines + ["Assistant:"]), (users[-1] if users else lines[-1])
 
 
+def checkpoint_chat_template(checkpoint: str):
+    """The chat template of a Hugging Face checkpoint folder (a post-hoc run's model.hf), as a function
+    messages -> (prompt, route text), or None when its tokenizer has none (the native template then applies).
+    Rendered by transformers' own apply_chat_template, with the generation prompt appended; a reply ends at the
+    checkpoint's eos, which generation already stops at."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)  # a local folder: nothing is downloaded
+    if not getattr(tok, "chat_template", None):
+        return None
+
+    def render(messages: list[ChatMessage]) -> tuple[str, str]:
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+                 for i, m in enumerate(messages)]
+        users = [t["content"] for t in turns if t["role"] == "user"]
+        prompt = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return prompt, (users[-1] if users else turns[-1]["content"])
+
+    return render
+
+
 # -- responses ----------------------------------------------------------------------------------------------
 
 
@@ -244,4 +265,4 @@ def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]] | None
 
 
 __all__ = ["APIError", "CHAT_STOP", "ChatCompletionRequest", "CompletionRequest", "RouteRequest", "bad_request",
-           "chat_logprobs", "chat_prompt", "completion_logprobs", "envelope", "new_id", "parse", "usage"]
+           "chat_logprobs", "chat_prompt", "checkpoint_chat_template", "completion_logprobs", "envelope", "new_id", "parse", "usage"]
