@@ -53,6 +53,43 @@ def test_synthetic_batches_have_consistent_paths_and_packed_documents():
 
 
 
+def test_data_suite_quick_runs_both_stages_at_three_doubling_sizes(tmp_path, capsys):
+    """hiermem bench --suite data --quick: a generated corpus at 1x, 2x, 4x, each stage in its own process."""
+    import subprocess
+    import sys
+
+    from hiermem.bench.data_scale import RssSampler, size_folder
+
+    # the sampler sums RssAnon over the process tree: it sees a grandchild's 120 MB of written pages
+    child = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+             "'import time; x = bytes(1) * (120 << 20); time.sleep(0.6)'], check=True)")
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    with RssSampler(proc.pid, interval=0.02) as rss:
+        assert proc.wait() == 0
+    assert rss.peak > 110 * 2**20 and rss.max_procs >= 2
+
+    res = run_suite("data", out=str(tmp_path), quick=True)
+    saved = json.loads((tmp_path / "data.json").read_text())
+    assert saved == json.loads(json.dumps(res)) and (tmp_path / "data.png").stat().st_size > 0
+    assert list(saved["sizes"]) == ["1x", "2x", "4x"] and "data" in SUITES
+    one, two, four = (saved["sizes"][k] for k in ("1x", "2x", "4x"))
+    corpus = tmp_path / "data_scale" / "corpus"
+    assert size_folder(corpus, 1).parent == size_folder(corpus, 2)  # 2x holds 1x and as much again
+    assert one["docs"] < two["docs"] < four["docs"]
+    for n, row in ((2, two), (4, four)):  # the corpus doubles: 2x and 4x hold 2 and 4 units of text
+        assert abs(row["text_mb"] / one["text_mb"] - n) < 0.1 and row["tokens"] > one["tokens"]
+    for row in (one, two, four):
+        for stage in ("prepare", "cluster"):
+            r = row[stage]
+            assert r["seconds"] > 0 and r["samples"] >= 1 and r["peak_rss_anon_mb"] > 10
+    assert {".jsonl", ".parquet", ".txt"} <= set(saved["formats"])
+    assert {p.name.split(".", 1)[1] for p in size_folder(corpus, 1).iterdir()} >= {"jsonl", "parquet", "txt"}
+    q = saved["ratios"]["prepare"]
+    assert q["peak_4x_over_1x"] == four["prepare"]["peak_rss_anon_mb"] / one["prepare"]["peak_rss_anon_mb"]
+    table = capsys.readouterr().out
+    assert all(f"\n{k} " in table for k in ("1x", "2x", "4x")) and "peak 4x/1x" in table
+
+
 def test_scale_suite_trains_with_a_bank_on_disk_and_reports_memory_and_the_ratio(tmp_path):
     res = run_suite("scale", out=str(tmp_path), quick=True, steps=2, warmup=1)
     saved = json.loads((tmp_path / "scale.json").read_text())

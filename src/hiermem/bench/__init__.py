@@ -9,6 +9,7 @@ import importlib
 # name -> "module" (its run()) or "module:function"; a later chaos suite joins here
 SUITES = {
     "train": "hiermem.bench.train_throughput",  # the trainer's step: anchor vs anchor + memory
+    "data": "hiermem.bench.data_scale",  # prepare + cluster throughput and peak memory at 1x, 2x, 4x corpus
     "scale": "hiermem.bench.bank_scale",  # training with the bank + optimizer state on disk vs in RAM
     "fetch": "hiermem.bench.bank_scale:run_fetch",  # one path from disk, cold and warm, vs a raw read
     "distributed": "hiermem.bench.distributed",  # 1 vs 2 processes; bytes all-reduced per step
