@@ -270,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small version (< 3 minutes); = --preset demo-quick")
     p.add_argument("--preset", default=None,
                    help="demo preset name or YAML path (hiermem_experiments/longtail/presets): demo-cpu, the "
-                        "default (2 epochs, about 5-6 minutes on 2 cores); demo-full (3 epochs + the anchor_staged control); "
-                        "demo-quick; demo-gpu / demo-160m: shapes for one GPU")
+                        "default (2 epochs, about 6-7 minutes on 2 cores); demo-full (3 epochs + the anchor_staged "
+                        "control); demo-quick; demo-gpu / demo-160m: shapes for one GPU")
     p.add_argument("--out", default=None, help="output folder (default runs/demo, else runs/<preset>)")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes")
     p.add_argument("overrides", nargs="*", help="dot-list overrides for every run, e.g. routing.encoder=wordllama")
