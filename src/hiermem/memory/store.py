@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from hiermem.errors import HiermemError
+from hiermem.errors import HiermemError, check_format_version
 from hiermem.io_utils import atomic_path, atomic_write_json
 from hiermem.memory.files import crc32, open_npy, pwrite_all, read_checked
 from hiermem.memory.precision import itemsize, storage_dtype
@@ -85,12 +85,7 @@ def check_format(path: Path, manifest: dict) -> int:
     fmt, version = manifest.get("format"), manifest.get("format_version")
     if fmt == "hiermem-bank/1" and version is None:
         return 1
-    if fmt != FORMAT or not isinstance(version, int):
-        raise HiermemError(f"{path}: not a hiermem bank manifest (format {fmt!r})")
-    if version > FORMAT_VERSION:
-        raise HiermemError(f"{path}: bank format version {version} is newer than this hiermem reads "
-                           f"({FORMAT_VERSION}); upgrade hiermem")
-    return version
+    return check_format_version(path, fmt, version, FORMAT, FORMAT_VERSION, "bank", "hiermem bank manifest")
 
 
 def _read_manifest(path: Path) -> tuple[dict, int, BankSpec]:

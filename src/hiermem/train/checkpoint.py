@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from hiermem.errors import HiermemError
+from hiermem.errors import HiermemError, check_format_version
 from hiermem.io_utils import atomic_write_json, atomic_write_with
 from hiermem.memory.files import crash_point
 from hiermem.memory.optim import LazyAdamW
@@ -60,12 +60,7 @@ def read_run_format(run_dir: Path) -> int:
         fmt, version = meta["format"], meta["format_version"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise HiermemError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    if fmt != RUN_FORMAT or not isinstance(version, int):
-        raise HiermemError(f"{path}: not a hiermem run (format {fmt!r})")
-    if version > RUN_FORMAT_VERSION:
-        raise HiermemError(f"{path}: run format version {version} is newer than this hiermem reads "
-                           f"({RUN_FORMAT_VERSION}); upgrade hiermem")
-    return version
+    return check_format_version(path, fmt, version, RUN_FORMAT, RUN_FORMAT_VERSION, "run", "hiermem run")
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
