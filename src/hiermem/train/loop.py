@@ -431,17 +431,19 @@ class Trainer:
         return prefetch
 
     # -- the loop --------------------------------------------------------------------------------------
-    def _flop_rate(self, tok_per_s: float) -> dict:
-        """Model TFLOP/s of the job (train/flops.py's count) and, on an accelerator whose peak is known, MFU
-        (per device: the job's rate over world size x peak)."""
+    def _flop_model(self) -> tuple[float, float | None]:
+        """FLOPs per trained token (train/flops.py's count) and the job's peak FLOP/s (world size x the device's
+        dense bf16 peak; None off a known accelerator): fixed for a run, computed once."""
         spec = spec_from_config(self.cfg) if self.cfg.uses_memory else None
         fl = flops_per_token(self.cfg.model, self.cfg.data.seq_len, spec)
-        flops = tok_per_s * (fl["anchor"] + fl["memory"])
-        rec = {"tflops": flops / 1e12}
         peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
-        if peak:
-            rec["mfu"] = flops / (peak * self.world.size)
-        return rec
+        return fl["anchor"] + fl["memory"], peak * self.world.size if peak else None
+
+    @staticmethod
+    def _flop_rate(tok_per_s: float, per_token: float, job_peak: float | None) -> dict:
+        """Model TFLOP/s of the job and, where the peak is known, MFU."""
+        flops = tok_per_s * per_token
+        return {"tflops": flops / 1e12, **({"mfu": flops / job_peak} if job_peak else {})}
 
     def run(self, stop_at: int | None = None) -> dict:
         """Train to the end (or to step `stop_at`, for tests of --resume); returns a summary."""
@@ -460,6 +462,7 @@ class Trainer:
         fetched_before = counts.snapshot() if counts is not None else None
         io_before = self.bank.io_stats() if self.bank is not None else {}
         prefetch = self._prefetcher()
+        flop_model = self._flop_model()
         with open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as metrics:
             while self.step < end:
                 t0 = time.perf_counter()
@@ -475,7 +478,7 @@ class Trainer:
                     rec = {"step": self.step, "total_steps": self.steps,
                            **{k: v for k, v in last.items() if k != "tokens"},
                            "tokens_seen": self.tokens_seen, "tok_per_s": rate, "elapsed": self.elapsed,
-                           "world_size": self.world.size, **self._flop_rate(rate)}
+                           "world_size": self.world.size, **self._flop_rate(rate, *flop_model)}
                     if fetched_before is not None:  # evidence that the memory is used
                         now = counts.snapshot()
                         rec["distinct_fetched"] = [int(((n - b) > 0).sum()) for n, b in zip(now, fetched_before)]
