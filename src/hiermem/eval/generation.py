@@ -175,7 +175,7 @@ def stack_memory(pieces: list[tuple[FetchedMemory | None, int]]) -> FetchedMemor
             weights.append(p.weights)
         start += n
     parts = [MemoryPart(torch.cat(w), index, offset, name) for name, (offset, w, index) in merged.items()]
-    return FetchedMemory(parts, ref.rank, ref.first_layer)
+    return ref.with_parts(parts)
 
 
 def take_memory(memory: FetchedMemory | None, rows: torch.Tensor) -> FetchedMemory | None:
@@ -190,7 +190,7 @@ def take_memory(memory: FetchedMemory | None, rows: torch.Tensor) -> FetchedMemo
             remap = torch.searchsorted(used, index.clamp(min=0))
             parts.append(MemoryPart(p.weights[used.to(p.weights.device)], torch.where(index >= 0, remap, -1),
                                     p.offset, p.name))
-    return FetchedMemory(parts, memory.rank, memory.first_layer) if parts else None
+    return memory.with_parts(parts) if parts else None
 
 
 def layer_major(memory: FetchedMemory | None) -> FetchedMemory | None:
@@ -201,7 +201,7 @@ def layer_major(memory: FetchedMemory | None) -> FetchedMemory | None:
         return None
     parts = [MemoryPart(p.weights.transpose(0, 1).contiguous().transpose(0, 1), p.index, p.offset, p.name)
              for p in memory.parts]
-    return FetchedMemory(parts, memory.rank, memory.first_layer)
+    return memory.with_parts(parts)
 
 
 def _stack_caches(a: KVCache, b: KVCache) -> KVCache:

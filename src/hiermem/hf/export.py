@@ -128,6 +128,8 @@ def export_run(run_dir: str | Path, out: str | Path, overrides: list[str] | tupl
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HiermemError(f"{out}: already exists and is not an empty folder (export into a new folder)")
     run = open_run(str(run_dir), overrides, device="cpu")
+    if run.bank is not None and run.bank.spec.kind != "ffn":  # the transformers side adds FFN memories only
+        raise HiermemError(f"{run_dir}: memory.kind={run.bank.spec.kind}: export supports ffn memory only")
     meta = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "run": str(run.path.resolve()),
             "memory": run.bank is not None, "eos_id": run.tokenizer.eos_id}
     knn = knn_index(run) if run.bank is not None else None  # before writing anything: it checks the data dir

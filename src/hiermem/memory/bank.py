@@ -1,6 +1,7 @@
 """The memory bank: the parameter blocks of every tree node, in RAM (or on the GPU) or on disk, checksummed.
 
-A part (memory/spec.py) is one array [n_nodes, n_mem_layers, 3, r, d] in the bank's storage dtype, float32 or
+A part (memory/spec.py) is one array [n_nodes, n_mem_layers, S, r, d] (S = 3 for ffn memory; memory.kind) in
+the bank's storage dtype, float32 or
 bfloat16 (memory.dtype; memory/precision.py); blocks are always handed out and taken back as float32. The bank
 also holds the lazy AdamW's moments of its blocks (memory/optim.py), so that a block and its optimizer state are
 stored, cached and checkpointed together. MemoryBank keeps everything in RAM; DiskBank (memory/disk.py,
@@ -28,6 +29,7 @@ from hiermem.memory.precision import TORCH_DTYPES, as_bytes, dtype_name, from_by
 from hiermem.memory.spec import GENERIC, BankSpec
 from hiermem.memory.store import FORMAT, FORMAT_VERSION, MANIFEST, BlockStore, LegacyStore, block_name, open_store
 from hiermem.model.fetched import DOWN
+from hiermem.model.memory_kinds import init_layer
 
 VERIFY = ("fetch", "all", "none")
 
@@ -39,10 +41,17 @@ def _block_seed(seed: int, key: str, i: int) -> int:
 
 
 def _init_block(spec: BankSpec, seed: int, key: str, i: int) -> torch.Tensor:
-    block = torch.zeros(spec.part_shape(key)[1:])  # down rows stay zero: an untrained memory has no effect
+    """Block i of part key, from its own generator. ffn: gate and up rows trunc-normal, down rows zero; the other
+    kinds layer by layer (model/memory_kinds.py: LoRA A Kaiming-uniform and B zero, kv keys trunc-normal and
+    values zero). Either way an untrained memory has no effect."""
+    block = torch.zeros(spec.part_shape(key)[1:])
     g = torch.Generator().manual_seed(_block_seed(seed, key, i))
     s = spec.std
-    torch.nn.init.trunc_normal_(block.narrow(1, 0, DOWN), std=s, a=-3 * s, b=3 * s, generator=g)  # gate + up
+    if spec.kind == "ffn":
+        torch.nn.init.trunc_normal_(block.narrow(1, 0, DOWN), std=s, a=-3 * s, b=3 * s, generator=g)  # gate + up
+        return block
+    for layer in block:
+        init_layer(spec.memory_kind, layer, s, g)
     return block
 
 
@@ -86,7 +95,8 @@ class MemoryBank:
     def create(cls, spec: BankSpec, seed: int, dir: str | Path | None = None, *, dtype: str = "float32",
                weights_from: "MemoryBank | None" = None, cache_bytes: int | None = None,
                prefetch: bool = False) -> "MemoryBank":
-        """Fresh bank: gate/up rows trunc-normal(std, ±3σ), down rows zero, deterministic per seed (or the
+        """Fresh bank: gate/up rows trunc-normal(std, ±3σ), down rows zero (other kinds: _init_block), deterministic
+        per seed (or the
         weights of the bank weights_from, e.g. train.init_from's); no optimizer moments yet (zeros).
 
         With dir, the bank is made on disk block by block (a DiskBank with room for its moments) and committed
@@ -160,8 +170,8 @@ class MemoryBank:
                     w[j] = rec[:wb]
                     if with_state:
                         if verify != "none" and crc32(rec[wb:]) != store.crc_s[key][i]:
-                            raise HiermemError(f"{store.dir}: the optimizer state of {block_name(key, int(i))} is "
-                                               "corrupted (checksum mismatch)")
+                            raise HiermemError(f"{store.file_of(key, int(i))}: the optimizer state of "
+                                               f"{block_name(key, int(i))} is corrupted (checksum mismatch)")
                         m[j], v[j] = rec[wb:wb + half].view(np.float32), rec[wb + half:].view(np.float32)
             arrays[key] = from_bytes(w.reshape(-1), store.dtype, shape)
             if with_state:

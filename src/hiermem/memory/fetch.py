@@ -87,7 +87,7 @@ def needed_blocks(spec: BankSpec, paths: np.ndarray | torch.Tensor,
 def fetch(bank: MemoryBank, paths: np.ndarray | torch.Tensor, use_generic: torch.Tensor | None = None,
           device: str | torch.device = "cpu", requires_grad: bool = False) -> Fetch:
     """Each row's root-to-leaf blocks (or the generic block where use_generic is True), as one FetchedMemory:
-    per level the distinct blocks [U_l, n_mem_layers, 3, r_l, d] and each row's index into them.
+    per level the distinct blocks [U_l, n_mem_layers, S, r_l, d] and each row's index into them.
 
     requires_grad (training): the blocks are fresh leaf tensors and the bank holds them until the step writes
     them back; without it a bank on disk may hand out a cached block itself (no copy), for reading only."""
@@ -119,7 +119,8 @@ def fetch(bank: MemoryBank, paths: np.ndarray | torch.Tensor, use_generic: torch
     if requires_grad:
         for p in parts:
             p.weights.requires_grad_(True)
-    return Fetch(FetchedMemory(parts, spec.fetched_rank, spec.first_layer), block_ids, counts, nbytes)
+    memory = FetchedMemory(parts, spec.fetched_rank, spec.first_layer, spec.memory_kind)
+    return Fetch(memory, block_ids, counts, nbytes)
 
 
 def block_grads(f: Fetch, device: torch.device | str) -> BlockGrads:

@@ -1,4 +1,4 @@
-"""How fetched memory joins the FFN: per-sequence extra SwiGLU neurons, stored as distinct blocks.
+"""How fetched memory joins the model: per-sequence extra SwiGLU neurons (or another kind), as distinct blocks.
 
 The model only sees a FetchedMemory; it knows nothing about trees, files or routing (docs/method.md §2).
 For sequence b and memory layer j the extra neurons are R gate rows A, R up rows B and R down columns C
@@ -19,6 +19,11 @@ product runs from plain differentiable ops, which the compiler traces without a 
 Why expand the distinct blocks per row rather than sorting rows by node and running one matmul per node: the
 levels are concatenated along R, so one batched matmul per layer covers every level at the path's full width;
 per-node products would be levels x U small matmuls (r = 16 is far too narrow for tensor cores).
+
+The other memory kinds (LoRA patches of q/k, v/o or the FFN's projections, kv slots; model/memory_kinds.py)
+store a block the same way with S slabs instead of 3, [U, n_mem_layers, S, r, d], and share the same parts,
+indices and expansion; their per-row math runs as plain differentiable ops on the expanded rows, through the
+hooks patch() (a LoRA delta on a projection's output) and attend() (the kv memory attention).
 """
 
 from __future__ import annotations
@@ -28,14 +33,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-GATE, UP, DOWN = 0, 1, 2  # index of the "3" axis of a block
+from hiermem.model.memory_kinds import FFN, KindOps, MemoryKind
+
+GATE, UP, DOWN = 0, 1, 2  # index of the "3" (slab) axis of an ffn block
 
 
 @dataclass
 class MemoryPart:
     """Distinct blocks of one level (or the generic block) and which row uses which.
 
-    weights: [U, n_mem_layers, 3, r, d] (leaf tensors when training: their .grad is the per-block gradient).
+    weights: [U, n_mem_layers, S, r, d], S = 3 for ffn memory (leaf tensors when training: their .grad is the
+    per-block gradient).
     index: [B] int64, row b uses weights[index[b]]; -1 = row b does not use this part.
     offset: where this part's r neurons start along a row's R.
     name: a label for the caller (the bank uses its part keys, "level0", ..., "generic").
@@ -74,15 +82,17 @@ def _rows_of(part: MemoryPart) -> _Rows:
 
 @dataclass
 class FetchedMemory:
-    """Extra FFN neurons of a batch: per part the distinct blocks plus each row's index.
+    """Extra FFN neurons of a batch (or another kind's weights): per part the distinct blocks plus each row's
+    index.
 
-    A row that uses no part at some offset gets zero neurons there. The memory applies to model layers
-    first_layer .. first_layer + n_mem_layers - 1.
+    A row that uses no part at some offset gets zero neurons there (kv memory: no slots there). The memory
+    applies to model layers first_layer .. first_layer + n_mem_layers - 1.
     """
 
     parts: list[MemoryPart]
     rank: int  # R: width of a row's neurons
     first_layer: int = 0
+    kind: MemoryKind = FFN
     _rows: list[_Rows] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,8 +102,9 @@ class FetchedMemory:
         L = {p.weights.shape[1] for p in self.parts}
         if len(B) != 1 or len(L) != 1:
             raise ValueError(f"FetchedMemory: parts disagree on batch size {sorted(B)} or layers {sorted(L)}")
+        slabs = self.kind.n_slabs(self.parts[0].weights.shape[-1])
         for p in self.parts:
-            if p.weights.dim() != 5 or p.weights.shape[2] != 3 or not 0 <= p.offset <= self.rank - p.rank:
+            if p.weights.dim() != 5 or p.weights.shape[2] != slabs or not 0 <= p.offset <= self.rank - p.rank:
                 raise ValueError(f"FetchedMemory: part {p.name or '?'} has shape {tuple(p.weights.shape)} at "
                                  f"offset {p.offset}, outside R={self.rank}")
         self._rows = [_rows_of(p) for p in self.parts]
@@ -105,10 +116,14 @@ class FetchedMemory:
                                      "for some row")
 
     @classmethod
-    def per_sequence(cls, weights: torch.Tensor, first_layer: int = 0) -> "FetchedMemory":
-        """From each sequence's own neurons [B, n_mem_layers, 3, R, d] (no sharing: U = B)."""
+    def per_sequence(cls, weights: torch.Tensor, first_layer: int = 0, kind: MemoryKind = FFN) -> "FetchedMemory":
+        """From each sequence's own neurons [B, n_mem_layers, S, R, d] (no sharing: U = B)."""
         index = torch.arange(weights.shape[0])
-        return cls([MemoryPart(weights, index, 0, "rows")], weights.shape[3], first_layer)
+        return cls([MemoryPart(weights, index, 0, "rows")], weights.shape[3], first_layer, kind)
+
+    def with_parts(self, parts: list[MemoryPart]) -> "FetchedMemory":
+        """Other parts (e.g. other rows) of the same memory: same R, layers and kind."""
+        return FetchedMemory(parts, self.rank, self.first_layer, self.kind)
 
     @property
     def batch_size(self) -> int:
@@ -120,15 +135,14 @@ class FetchedMemory:
 
     def rows(self, sl: slice) -> "FetchedMemory":
         """The same blocks (same leaves: gradients accumulate into them) for rows sl of the batch."""
-        parts = [MemoryPart(p.weights, p.index[sl], p.offset, p.name) for p in self.parts]
-        return FetchedMemory(parts, self.rank, self.first_layer)
+        return self.with_parts([MemoryPart(p.weights, p.index[sl], p.offset, p.name) for p in self.parts])
 
     def neurons(self) -> torch.Tensor:
-        """Each row's extra neurons [B, n_mem_layers, 3, R, d] in full (a reference view, for tests and
+        """Each row's extra neurons [B, n_mem_layers, S, R, d] in full (a reference view, for tests and
         inspection; the model never builds it)."""
-        d = self.parts[0].weights.shape[-1]
+        S, d = self.parts[0].weights.shape[2], self.parts[0].weights.shape[-1]
         layers = self.per_layer(self.first_layer + self.n_layers)[self.first_layer:]
-        zero = self.parts[0].weights.new_zeros((self.batch_size, 3, self.rank, d))
+        zero = self.parts[0].weights.new_zeros((self.batch_size, S, self.rank, d))
         return torch.stack([zero if m is None else m.expand(self.parts[0].weights.dtype) for m in layers], 1)
 
     def per_layer(self, n_layers: int) -> list["MemoryLayer | None"]:
@@ -144,19 +158,23 @@ class FetchedMemory:
             j = layer - self.first_layer
             if 0 <= j < self.n_layers and live:
                 out.append(MemoryLayer([w[j] for w in per_part], [p for p, _ in live], [r for _, r in live],
-                                       self.rank, self.batch_size))
+                                       self.rank, self.batch_size, self.kind))
             else:
                 out.append(None)
         return out
 
 
 class MemoryLayer:
-    """One layer of a FetchedMemory: per live part its distinct blocks [U, 3, r, d] and the rows using them.
-    Calling it on the FFN input x [B, T, d] returns the memory branch C·(silu(A x) ⊙ (B x)) [B, T, d]."""
+    """One layer of a FetchedMemory: per live part its distinct blocks [U, S, r, d] and the rows using them.
+    Calling it (ffn memory) on the FFN input x [B, T, d] returns the memory branch C·(silu(A x) ⊙ (B x))
+    [B, T, d]. The model calls the hooks patch(), attend() and add_neurons(); each is the identity for a kind
+    that does not act there."""
 
     def __init__(self, weights: list[torch.Tensor], parts: list[MemoryPart], rows: list[_Rows], rank: int,
-                 batch_size: int):
+                 batch_size: int, kind: MemoryKind = FFN):
         self.weights, self.parts, self.rows, self.rank, self.batch_size = weights, parts, rows, rank, batch_size
+        self.kind = kind
+        self._ops = None if kind.name == "ffn" else KindOps(kind, rank, self.expand_traceable, self.slots)
         # fast path: every row uses every part and the parts tile [0, R) -> one cat, no zero fill
         spans = sorted((p.offset, p.rank) for p in parts)
         tiles = all(o == sum(r for _, r in spans[:i]) for i, (o, _) in enumerate(spans)) and \
@@ -165,13 +183,13 @@ class MemoryLayer:
         self.dense = tiles and all(r.rows is None for r in rows)
 
     def expand(self, dtype: torch.dtype) -> torch.Tensor:
-        """[B, 3, R, d]: each row's neurons in dtype (a transient; used in forward and again in backward)."""
+        """[B, S, R, d]: each row's neurons in dtype (a transient; used in forward and again in backward)."""
         ws = [w.detach().to(dtype) for w in self.weights]  # cast the U distinct blocks, not the B rows
         if self.dense:
             rows = [ws[i].index_select(0, self.rows[i].sel) for i in self.order]
             return rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)
         w0 = ws[0]
-        out = w0.new_zeros((self.batch_size, 3, self.rank, w0.shape[-1]))
+        out = w0.new_zeros((self.batch_size, w0.shape[1], self.rank, w0.shape[-1]))
         for w, p, r in zip(ws, self.parts, self.rows):
             blocks = w.index_select(0, r.sel)
             if r.rows is None:
@@ -181,7 +199,7 @@ class MemoryLayer:
         return out
 
     def reduce(self, grad_rows: torch.Tensor) -> list[torch.Tensor]:
-        """Per part: the rows' gradient [B, 3, R, d] summed into the distinct blocks (at least float32, U-sized)."""
+        """Per part: the rows' gradient [B, S, R, d] summed into the distinct blocks (at least float32, U-sized)."""
         out = []
         for w, p, r in zip(self.weights, self.parts, self.rows):
             g = grad_rows[:, :, p.offset:p.offset + p.rank]
@@ -193,7 +211,7 @@ class MemoryLayer:
         return out
 
     def expand_traceable(self) -> torch.Tensor:
-        """[B, 3, R, d] float32 from differentiable ops only (index_select, mask, pad, add): what torch.compile
+        """[B, S, R, d] float32 from differentiable ops only (index_select, mask, pad, add): what torch.compile
         traces and fuses into one gather; autograd's index_select backward sums the rows per block."""
         out = None
         for w, p, r in zip(self.weights, self.parts, self.rows):
@@ -204,9 +222,39 @@ class MemoryLayer:
             out = rows if out is None else out + rows
         return out
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def slots(self) -> torch.Tensor | None:
+        """[B, R] bool: the positions along R where a row has a part (None: every row everywhere)."""
+        if self.dense:
+            return None
+        out = torch.zeros(self.batch_size, self.rank, dtype=torch.bool, device=self.weights[0].device)
+        for p, r in zip(self.parts, self.rows):
+            out[slice(None) if r.rows is None else r.rows, p.offset:p.offset + p.rank] = True
+        return out
+
+    def _check_rows(self, x: torch.Tensor) -> None:
         if x.shape[0] != self.batch_size:
             raise ValueError(f"fetched memory holds {self.batch_size} rows, the batch has {x.shape[0]}")
+
+    def patch(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y = proj(x) of the projection `name` (q_proj ... down_proj), plus a LoRA kind's delta if it patches it."""
+        if self._ops is None or name not in self.kind.patches:
+            return y
+        self._check_rows(x)
+        return self._ops.patch(name, x, y)
+
+    def attend(self, q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The heads' output y [B, H, T, hd], plus (kv memory) the queries q' attention over the memory slots."""
+        if self._ops is None or self.kind.name != "kv":
+            return y
+        self._check_rows(q)
+        return self._ops.attend(q, y)
+
+    def add_neurons(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The FFN's output y, plus (ffn memory) the extra neurons' branch on the FFN input x."""
+        return y + self(x) if self.kind.name == "ffn" else y
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_rows(x)
         if torch.compiler.is_compiling():  # inside a compiled block: plain ops, no graph break
             return widened_ffn(x, self.expand_traceable())
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype

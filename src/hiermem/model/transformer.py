@@ -8,10 +8,12 @@ up_proj, down_proj); docs/method.md maps them to the paper's W1/W2/W3.
 Packed sequences hold several documents: `segment_ids` (one id per document, -1 = padding) make attention stay
 inside each document; positions restart at every document (the caller passes them).
 
-The one addition for hierarchical memories: every FFN accepts optional per-sequence extra hidden neurons (a
-FetchedMemory, model/fetched.py). Appending r neurons to gate_proj, up_proj and down_proj is the same as adding
-a branch C·(silu(A h) ⊙ (B h)), which model/fetched.py computes for a whole batch at once. With no memory the
-branch is skipped, so the plain anchor pays nothing.
+The one addition for hierarchical memories: every block accepts an optional per-sequence memory (a
+FetchedMemory, model/fetched.py). FFN memory (the default kind) is extra hidden neurons: appending r neurons to
+gate_proj, up_proj and down_proj is the same as adding a branch C·(silu(A h) ⊙ (B h)), which model/fetched.py
+computes for a whole batch at once. The other kinds (model/memory_kinds.py) act through two more hooks: a LoRA
+delta added to a projection's output (`project`), and the kv memory's attention added to the heads' output.
+With no memory every hook is skipped, so the plain anchor pays nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from hiermem.config import ModelConfig
 from hiermem.model.fetched import FetchedMemory, MemoryLayer
+
+
+def project(linear: nn.Linear, x: torch.Tensor, memory: MemoryLayer | None, name: str) -> torch.Tensor:
+    """linear(x), plus the memory's LoRA delta if its kind patches this projection (`name`: q_proj, ...)."""
+    y = linear(x)
+    return y if memory is None else memory.patch(name, x, y)
 
 
 class RMSNorm(nn.Module):
@@ -116,12 +124,17 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(width, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(width, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0,
+                memory: MemoryLayer | None = None):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [B, T, H·hd] -> [B, H, T, hd]
+            return t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+        q_plain = heads(self.q_norm(project(self.q_proj, x, memory, "q_proj")))  # before RoPE (kv memory's)
+        k = heads(self.k_norm(project(self.k_proj, x, memory, "k_proj")))
+        v = heads(project(self.v_proj, x, memory, "v_proj"))
+        q, k = apply_rope(q_plain, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # generating: attend to the earlier tokens' keys and values as well
             k, v = cache.extend(layer, k, v)
         if mask is None:  # every row is one whole document: plain causal attention
@@ -130,11 +143,13 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:  # a FlexAttention BlockMask (model.attention=flex): the same rule, computed blockwise
             y = flex_attention(q, k, v, block_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if memory is not None:  # kv memory: a separate attention over the memory slots, added per head
+            y = memory.attend(q_plain, y)
+        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), memory, "o_proj")
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down_proj(silu(gate_proj x) * up_proj x), plus this layer's fetched neurons if any."""
+    """SwiGLU: down_proj(silu(gate_proj x) * up_proj x), plus this layer's fetched neurons (or LoRA) if any."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -143,10 +158,10 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, memory: MemoryLayer | None = None) -> torch.Tensor:
-        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        if memory is not None:
-            y = y + memory(x)
-        return y
+        if memory is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = F.silu(project(self.gate_proj, x, memory, "gate_proj")) * project(self.up_proj, x, memory, "up_proj")
+        return memory.add_neurons(x, project(self.down_proj, h, memory, "down_proj"))
 
 
 class Block(nn.Module):
@@ -158,7 +173,7 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
 
     def forward(self, x, cos, sin, mask, memory=None, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, memory)
         return x + self.ffn(self.ffn_norm(x), memory)
 
 
@@ -198,7 +213,7 @@ class Transformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """input_ids [B, T]; targets [B, T] with -100 = ignore; positions [B, T] (default 0..T-1);
         segment_ids [B, T]: document of each token, -1 = padding (default: each row is one document);
-        memory: per-sequence FFN neurons; cache: generation's keys and values (each row one document; the
+        memory: per-sequence memory (FFN neurons or another kind); cache: generation's keys and values (each row one document; the
         logits are then those of the last position only). Returns (logits [B, T, V], mean cross-entropy
         over non-ignored targets, or None)."""
         B, T = input_ids.shape
@@ -209,7 +224,10 @@ class Transformer(nn.Module):
             mask = cache.mask(segment_ids if segment_ids is not None else torch.zeros_like(input_ids))
         else:
             mask = None if segment_ids is None else document_mask(segment_ids, self.cfg.attention)
-        per_layer = memory.per_layer(len(self.blocks)) if memory is not None else [None] * len(self.blocks)
+        per_layer = [None] * len(self.blocks)
+        if memory is not None:
+            memory.kind.check_model(self.cfg.d_model, self.cfg.n_heads * self.cfg.head_dim, self.cfg.d_ff)
+            per_layer = memory.per_layer(len(self.blocks))
         x = self.tok_emb(input_ids)
         for i, (block, mem) in enumerate(zip(self.blocks, per_layer)):
             x = block(x, cos, sin, mask, mem, cache, i)

@@ -110,7 +110,9 @@ class MemoryHooks:
         return output + memory_branch(mlp, self.family, layer, x)
 
     def check(self, memory: FetchedMemory) -> None:
-        """Refuse a memory whose width or layers do not fit this model."""
+        """Refuse a memory whose kind, width or layers do not fit this model."""
+        if memory.kind.name != "ffn":
+            raise HiermemError(f"memory.kind={memory.kind.name}: the transformers path adds ffn memory only")
         d = memory.parts[0].weights.shape[-1]
         if d != self.d:
             raise HiermemError(f"memory has width d={d}, the model's hidden size is {self.d}")
