@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import numpy as np
@@ -9,10 +10,12 @@ from hiermem.data.packing import (
     BatchSampler,
     DocTokens,
     PackedDataset,
+    best_fit_decreasing,
     pack_sequences,
     token_dtype,
     write_doc_tokens,
 )
+from hiermem.data.prepare import DataDir
 from hiermem.errors import HiermemError
 from hiermem.model.transformer import document_mask
 
@@ -217,3 +220,168 @@ def test_depth_zero_paths(store, tmp_path):
     ds = PackedDataset(tmp_path / "p")
     assert np.load(tmp_path / "p" / "paths.npy").shape == (len(ds), 0)
     assert ds.batch([0])["paths"].shape == (1, 0)
+
+
+# --- packing algorithms --------------------------------------------------------------------------------
+
+
+def _digest(folder) -> str:
+    h = hashlib.sha256()
+    for name in ("tokens", "segments", "groups", "paths"):
+        a = np.load(folder / f"{name}.npy")
+        h.update(name.encode() + str(a.dtype).encode() + str(a.shape).encode() + a.tobytes())
+    return h.hexdigest()
+
+
+def test_concat_bit_identical_to_before(tmp_path):
+    # digests of the arrays written by the packer before packing algos existed (same inputs, same seed)
+    rng = np.random.default_rng(42)
+    docs = [rng.integers(2, 500, size=rng.integers(0, 40)).tolist() for _ in range(300)]
+    write_doc_tokens(tmp_path / "docs", docs, np.uint16)
+    store = DocTokens(tmp_path / "docs")
+    groups, paths = rng.integers(0, 6, size=300), np.arange(12).reshape(6, 2)
+    pack_sequences(store, np.arange(300), 16, EOS, tmp_path / "p", group_of_doc=groups, path_of_group=paths,
+                   depth=2, pad_id=PAD, algo="concat")
+    assert _digest(tmp_path / "p") == "abac33820b54f1f815c79da5801b11e6f6d84b4ae13d47e186705fb9cb150596"
+    pack_sequences(store, rng.permutation(300)[:200], 9, EOS, tmp_path / "q")  # the default is concat
+    assert _digest(tmp_path / "q") == "7aa32f8a81f06b60bdcef169df59c8a0ee2732ba4fa109d36060b43148df0abf"
+    assert json.loads((tmp_path / "q" / "meta.json").read_text())["packing_algo"] == "concat"
+
+
+def test_concat_stats(packed):
+    meta = json.loads((packed / "meta.json").read_text())
+    # 16 tokens in 4 rows of 5; doc 2 (positions 4-6) and doc 3 (7-13) cross a row boundary
+    assert meta["padding_fraction"] == pytest.approx(1 - 16 / 20) and meta["n_docs_split"] == 2
+    assert PackedDataset(packed).packing_stats() == {"algo": "concat", "rows": 4, "tokens": 16,
+                                                     "padding_fraction": pytest.approx(0.2), "docs_split": 2}
+
+
+def test_best_fit_layout_by_hand(store, tmp_path):
+    pack_sequences(
+        store, np.array([0, 1, 2, 3, 4]), seq_len=4, eos_id=EOS, out_dir=tmp_path / "bf",
+        group_of_doc=np.array([7, 3, 7, 7, 7]), path_of_group={7: (1, 2), 3: (4, 5)}, depth=2, pad_id=PAD,
+        algo="best_fit",
+    )
+    ds = PackedDataset(tmp_path / "bf")
+    # Group 7's pieces, longest first: doc 3's first chunk (5), doc 0 (4), doc 2 (3), doc 3's tail "35 E" (2),
+    # which goes to the row with the least room that holds it (doc 2's, room 2), not doc 0's (room 1).
+    assert ds.tokens.tolist() == [
+        [40, EOS, PAD, PAD, PAD],
+        [30, 31, 32, 33, 34],
+        [10, 11, 12, EOS, PAD],
+        [20, 21, EOS, 35, EOS],
+    ]
+    assert ds.segments.tolist() == [[0, 0, P, P, P], [0, 0, 0, 0, 0], [0, 0, 0, 0, P], [0, 0, 0, 1, 1]]
+    assert ds.groups.tolist() == [3, 7, 7, 7] and ds.paths.tolist() == [[4, 5], [1, 2], [1, 2], [1, 2]]
+    b = ds.batch([3])
+    assert b["positions"].tolist() == [[0, 1, 2, 0]] and b["targets"].tolist() == [[21, EOS, -100, EOS]]
+    assert ds.packing_stats() == {"algo": "best_fit", "rows": 4, "tokens": 16,
+                                  "padding_fraction": pytest.approx(0.2), "docs_split": 1}
+
+
+def _unique_token_corpus(tmp_path, n_docs, max_len, seed):
+    """Documents whose token ids encode (document, offset): id = 1000 * doc + offset + 2 (0 = pad, 1 = eos)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, max_len + 1, size=n_docs)
+    docs = [1000 * d + np.arange(n) + 2 for d, n in enumerate(lengths)]
+    write_doc_tokens(tmp_path / "docs", docs, np.uint32)
+    return DocTokens(tmp_path / "docs"), lengths, rng
+
+
+def test_best_fit_keeps_documents_whole(tmp_path):
+    seq_len = 15
+    L = seq_len + 1
+    store, lengths, rng = _unique_token_corpus(tmp_path, 400, 40, seed=1)
+    doc_index = rng.permutation(400)[:350]
+    groups = rng.integers(0, 5, size=350)
+    group_of = dict(zip(doc_index.tolist(), groups.tolist()))
+    paths = np.arange(10).reshape(5, 2) + 100
+    args = dict(group_of_doc=groups, path_of_group=paths, depth=2, pad_id=PAD, algo="best_fit")
+    pack_sequences(store, doc_index, seq_len, EOS, tmp_path / "a", **args)
+    pack_sequences(store, doc_index, seq_len, EOS, tmp_path / "b", **args)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")  # deterministic
+    ds = PackedDataset(tmp_path / "a")
+    assert ds.tokens.shape == (len(ds), L)  # no row holds more than seq_len + 1 tokens
+
+    seen = []  # (doc, offset) of every non-eos token; eos counted per document
+    eos_of = []
+    for r in range(len(ds)):
+        tok, seg = ds.tokens[r].tolist(), ds.segments[r].tolist()
+        n_used = sum(s != P for s in seg)
+        assert all(s == P for s in seg[n_used:]) and all(t == PAD for t in tok[n_used:])  # padding: the tail
+        runs = np.split(np.arange(n_used), np.flatnonzero(np.diff(seg[:n_used])) + 1)
+        assert [seg[run[0]] for run in runs] == list(range(len(runs)))
+        for run in runs:
+            piece = [tok[i] for i in run]
+            body = piece[:-1] if piece[-1] == EOS else piece
+            if not body:  # a chunk holding only a long document's eos: the document is known by elimination
+                eos_of.append(None)
+                continue
+            d, first = divmod(body[0] - 2, 1000)
+            assert body == [1000 * d + first + 2 + i for i in range(len(body))]  # one contiguous slice
+            if piece[-1] == EOS:  # eos exactly at the doc's end; any other piece is a full row-sized chunk
+                assert first + len(body) == lengths[d]
+            else:
+                assert len(piece) == L
+            assert first % L == 0  # pieces start at a row-sized chunk boundary
+            if lengths[d] + 1 <= L:  # a document that fits is whole, from position 0 of its run
+                assert first == 0 and piece[-1] == EOS
+            assert group_of[d] == ds.groups[r] and ds.paths[r].tolist() == paths[group_of[d]].tolist()
+            seen += [(d, first + i) for i in range(len(body))]
+            if piece[-1] == EOS:
+                eos_of.append(d)
+    kept = [d for d in doc_index.tolist() if lengths[d] > 0]
+    assert sorted(seen) == sorted((d, o) for d in kept for o in range(lengths[d]))  # every token exactly once
+    assert sorted(d for d in eos_of if d is not None) == sorted(d for d in kept if (lengths[d] + 1) % L != 1)
+    assert eos_of.count(None) == sum((lengths[d] + 1) % L == 1 for d in kept)
+    stats = ds.packing_stats()
+    assert stats["docs_split"] == sum(lengths[d] + 1 > L for d in kept) > 0
+    assert stats["tokens"] == sum(lengths[d] + 1 for d in kept)
+    assert stats["padding_fraction"] == pytest.approx(1 - stats["tokens"] / (len(ds) * L))
+
+
+def test_best_fit_decreasing_by_hand():
+    # 7 opens bin 0 (room 3); 5 opens bin 1 (room 5); 4 -> bin 1 (room 1); 3 -> bin 0 (full);
+    # 2 fits nowhere -> bin 2; 1 -> bin 1, the least room that holds it
+    bins, offsets, n = best_fit_decreasing(np.array([7, 5, 4, 3, 2, 1]), 10)
+    assert bins.tolist() == [0, 1, 1, 0, 2, 1] and offsets.tolist() == [0, 0, 5, 7, 0, 9] and n == 3
+    # ties: equal lengths keep their order, equal rooms go to the lower bin
+    bins, offsets, n = best_fit_decreasing(np.array([3, 3, 3, 6, 6]), 10)
+    assert bins.tolist() == [0, 1, 2, 0, 1] and offsets.tolist() == [6, 6, 0, 0, 0] and n == 3
+    with pytest.raises(ValueError, match=r"item lengths must be in \[1, 10\]"):
+        best_fit_decreasing(np.array([11]), 10)
+
+
+def _reference_best_fit_decreasing(lengths, capacity):
+    """Plain O(n^2): scan every bin for the least room that holds the item."""
+    rooms, bins, offsets = [], [0] * len(lengths), [0] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [b for b, room in enumerate(rooms) if room >= lengths[i]]
+        b = min(fits, key=lambda b: (rooms[b], b)) if fits else len(rooms)
+        if not fits:
+            rooms.append(capacity)
+        bins[i], offsets[i] = b, capacity - rooms[b]
+        rooms[b] -= lengths[i]
+    return bins, offsets, len(rooms)
+
+
+def test_best_fit_decreasing_matches_reference():
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        capacity = int(rng.integers(1, 100))
+        hi = int(rng.integers(1, capacity + 1))  # short items in some trials, up to a full bin in others
+        lengths = rng.integers(1, hi + 1, size=int(rng.integers(0, 250)))
+        bins, offsets, n = best_fit_decreasing(lengths, capacity)
+        assert (bins.tolist(), offsets.tolist(), n) == _reference_best_fit_decreasing(lengths.tolist(), capacity)
+
+
+def test_packing_algo_cache_key_and_bad_algo(store, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prepare.json").write_text("{}")
+    data = DataDir(tmp_path / "data")
+    concat = data.packed_path("train", 48)
+    assert concat.name == "train-" + hashlib.sha256(b"train:48:flat").hexdigest()[:12]  # the key before algos
+    assert data.packed_path("train", 48, algo="concat") == concat
+    assert data.packed_path("train", 48, algo="best_fit") != concat
+    with pytest.raises(ValueError, match="algo must be one of concat, best_fit, got 'nope'"):
+        pack_sequences(store, np.arange(4), 4, EOS, tmp_path / "o", algo="nope")

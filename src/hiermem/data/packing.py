@@ -3,8 +3,9 @@
 Two on-disk stages, each a folder written atomically (AtomicDir: a failure leaves no folder):
 
 * doc store (`write_doc_tokens` / `DocTokens`): every document's tokens, flat, plus offsets.
-* packed set (`pack_sequences` / `PackedDataset`): rows of seq_len+1 tokens, cut per group (leaf), with
-  a segment index per token so attention and loss never cross a document boundary.
+* packed set (`pack_sequences` / `PackedDataset`): rows of seq_len+1 tokens per group (leaf), either cut
+  from the concatenated documents or packed best-fit (whole documents where they fit), with a segment
+  index per token so attention and loss never cross a document boundary.
 
 Both are plain .npy files that `np.load(..., mmap_mode="r")` opens, so a corpus larger than RAM streams.
 """
@@ -12,6 +13,7 @@ Both are plain .npy files that `np.load(..., mmap_mode="r")` opens, so a corpus 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 from array import array
 from pathlib import Path
@@ -25,6 +27,7 @@ from hiermem.io_utils import AtomicDir, atomic_write_json
 
 PAD_SEGMENT = 65535  # segment value of padding tokens in segments.npy
 IGNORE_INDEX = -100  # target value ignored by the loss
+PACKING_ALGOS = ("concat", "best_fit")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -142,18 +145,26 @@ def pack_sequences(
     path_of_group: Mapping[int, tuple[int, ...]] | np.ndarray | None = None,
     depth: int = 0,
     pad_id: int = 0,
+    algo: str = "concat",
 ) -> Path:
     """Pack documents into rows of seq_len+1 tokens (x = row[:-1], y = row[1:]) in out_dir.
 
     doc_index: the documents to pack, in order. group_of_doc: one group id per entry of doc_index
-    (e.g. its leaf); None = a single group 0. Groups are packed in ascending id, documents within a
-    group in the given order, each as its tokens + [eos]; the group's stream is cut into non-overlapping
-    rows (one boundary target per row is lost, as in nanoGPT), a document may continue into the next
-    row (as a new segment), and the group's last row is padded with pad_id. Rows never mix groups.
-    path_of_group maps a group id to its root-to-leaf path (length depth), by dict or array row.
-    Documents with no tokens are skipped (a lone eos would teach nothing).
+    (e.g. its leaf); None = a single group 0. Groups are packed in ascending id, each document as its
+    tokens + [eos]; rows never mix groups. path_of_group maps a group id to its root-to-leaf path
+    (length depth), by dict or array row. Documents with no tokens are skipped (a lone eos would teach
+    nothing).
+
+    algo="concat": a group's documents, in the given order, form one stream cut into non-overlapping
+    rows (one boundary target per row is lost, as in nanoGPT); a document may continue into the next
+    row (as a new segment) and the group's last row is padded with pad_id.
+    algo="best_fit" (Ding et al. 2024, "Fewer Truncations Improve Language Modeling"): a document that
+    fits in a row is never split, a longer one is cut into row-sized chunks (and a shorter tail); the
+    pieces are packed best-fit-decreasing (see `best_fit_decreasing`) and the rest of a row is padding.
     """
     L = seq_len + 1
+    if algo not in PACKING_ALGOS:
+        raise ValueError(f"algo must be one of {', '.join(PACKING_ALGOS)}, got {algo!r}")
     if not 1 <= seq_len < PAD_SEGMENT - 1:
         raise ValueError(f"seq_len must be in [1, {PAD_SEGMENT - 2}], got {seq_len}")
     doc_index = np.asarray(doc_index, dtype=np.int64)
@@ -173,48 +184,73 @@ def pack_sequences(
     order = np.argsort(groups, kind="stable")  # by group, given order inside a group
     doc_index, groups, lengths = doc_index[order], groups[order], lengths[order]
     uniq, starts = np.unique(groups, return_index=True)
-    bounds = list(starts) + [len(groups)]
-    stream_len = [int((lengths[a:b] + 1).sum()) for a, b in zip(bounds[:-1], bounds[1:])]
-    rows = [-(-n // L) for n in stream_len]
-    n_rows = sum(rows)
-    if n_rows == 0:
+    bounds = list(zip(starts.tolist(), [*starts.tolist()[1:], len(groups)]))
+    if len(doc_index) == 0:
         raise HiermemError(f"{out_dir}: nothing to pack (no selected document has tokens)")
     paths = _path_table(path_of_group, uniq, depth)
+    lay = _ConcatLayout(lengths + 1, bounds, L) if algo == "concat" else _BestFitLayout(lengths + 1, bounds, L)
+    n_rows = int(lay.rows.sum())
 
     open_mm = np.lib.format.open_memmap
     out_dir = Path(out_dir)
     with AtomicDir(out_dir) as tmp:
         tok_mm = open_mm(tmp / "tokens.npy", mode="w+", dtype=dtype, shape=(n_rows, L))
         seg_mm = open_mm(tmp / "segments.npy", mode="w+", dtype=np.uint16, shape=(n_rows, L))
-        tok_flat, seg_flat = tok_mm.reshape(-1), seg_mm.reshape(-1)
-        row0 = 0
-        for gi, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            base = row0 * L
-            _pack_group(doc_tokens, doc_index[a:b], eos_id, L, tok_flat[base:], seg_flat[base:])
-            end = base + rows[gi] * L
-            tok_flat[base + stream_len[gi] : end] = pad_id
-            seg_flat[base + stream_len[gi] : end] = PAD_SEGMENT
-            row0 += rows[gi]
+        lay.write(doc_tokens, doc_index, eos_id, pad_id, tok_mm.reshape(-1), seg_mm.reshape(-1))
         tok_mm.flush()
         seg_mm.flush()
-        del tok_mm, seg_mm, tok_flat, seg_flat  # close the maps before AtomicDir fsyncs and renames
-        np.save(tmp / "groups.npy", np.repeat(uniq, rows))
+        del tok_mm, seg_mm  # close the maps before AtomicDir fsyncs and renames
+        np.save(tmp / "groups.npy", np.repeat(uniq, lay.rows))
         group_paths = np.stack([paths[g] for g in uniq.tolist()]).reshape(len(uniq), depth)
-        np.save(tmp / "paths.npy", np.repeat(group_paths, rows, axis=0))
+        np.save(tmp / "paths.npy", np.repeat(group_paths, lay.rows, axis=0))
+        n_tokens = int(lengths.sum()) + len(lengths)
         meta = {
             "seq_len": seq_len,
             "n_sequences": n_rows,
-            "n_tokens": sum(stream_len),
+            "n_tokens": n_tokens,
             "n_docs": len(doc_index),
             "n_groups": len(uniq),
             "eos_id": int(eos_id),
             "pad_id": int(pad_id),
             "depth": depth,
             "dtype": dtype.name,
-            "inputs_sha256": _inputs_hash(doc_tokens, doc_index, groups, paths, seq_len, eos_id, pad_id),
+            "packing_algo": algo,
+            "padding_fraction": 1.0 - n_tokens / (n_rows * L),
+            "n_docs_split": lay.n_docs_split(),
+            "inputs_sha256": _inputs_hash(doc_tokens, doc_index, groups, paths, seq_len, eos_id, pad_id, algo),
         }
         atomic_write_json(tmp / "meta.json", meta)
     return out_dir
+
+
+class _ConcatLayout:
+    """concat: each group's documents (+eos) back to back, cut into rows; the last row of a group padded.
+
+    spans: tokens of each document with its eos, grouped (bounds: (first, end) per group) in stream order.
+    """
+
+    def __init__(self, spans: np.ndarray, bounds: list[tuple[int, int]], L: int):
+        self.spans, self.bounds, self.L = spans, bounds, L
+        self.stream_len = np.array([int(spans[a:b].sum()) for a, b in bounds], dtype=np.int64)
+        self.rows = -(-self.stream_len // L)
+
+    def n_docs_split(self) -> int:
+        """Documents whose span crosses a row boundary (their tail opens the next row as a new segment)."""
+        split = 0
+        for a, b in self.bounds:
+            end = np.cumsum(self.spans[a:b])
+            split += int(((end - self.spans[a:b]) // self.L != (end - 1) // self.L).sum())
+        return split
+
+    def write(self, store: DocTokens, docs: np.ndarray, eos_id: int, pad_id: int, tok: np.ndarray,
+              seg: np.ndarray) -> None:
+        L, row0 = self.L, 0
+        for (a, b), n_rows, n in zip(self.bounds, self.rows.tolist(), self.stream_len.tolist()):
+            base = row0 * L
+            _pack_group(store, docs[a:b], eos_id, L, tok[base:], seg[base:])
+            tok[base + n : base + n_rows * L] = pad_id
+            seg[base + n : base + n_rows * L] = PAD_SEGMENT
+            row0 += n_rows
 
 
 def _pack_group(store: DocTokens, docs: np.ndarray, eos_id: int, L: int, tok: np.ndarray, seg: np.ndarray) -> None:
@@ -236,10 +272,146 @@ def _pack_group(store: DocTokens, docs: np.ndarray, eos_id: int, L: int, tok: np
         pos = end
 
 
-def _inputs_hash(store: DocTokens, doc_index, groups, paths, seq_len, eos_id, pad_id) -> str:
+class _BestFitLayout:
+    """best_fit: whole documents where they fit, row-sized chunks otherwise, placed best-fit-decreasing.
+
+    Only per-piece numbers are held (a piece = a document, or a chunk of a longer one): O(documents + rows).
+    Pieces are numbered in stream order (group, document, chunk), so writing them reads the store in order.
+    """
+
+    def __init__(self, spans: np.ndarray, bounds: list[tuple[int, int]], L: int):
+        self.spans, self.L = spans, L
+        n_pieces = -(-spans // L)
+        self.piece_doc = np.repeat(np.arange(len(spans)), n_pieces)  # index into the grouped doc list
+        first_piece = np.cumsum(n_pieces) - n_pieces
+        self.piece_start = (np.arange(len(self.piece_doc)) - first_piece[self.piece_doc]) * L  # offset in its doc
+        self.piece_len = np.minimum(L, spans[self.piece_doc] - self.piece_start)
+        self.row = np.empty(len(self.piece_doc), np.int64)  # each piece's row (file-wide) and offset in it
+        self.offset = np.empty(len(self.piece_doc), np.int64)
+        rows, row0 = [], 0
+        for a, b in bounds:  # per group: rows never mix groups
+            p0, p1 = first_piece[a], first_piece[b - 1] + n_pieces[b - 1]
+            row, offset, n_rows = best_fit_decreasing(self.piece_len[p0:p1], L)
+            self.row[p0:p1], self.offset[p0:p1] = row + row0, offset
+            rows.append(n_rows)
+            row0 += n_rows
+        self.rows = np.array(rows, dtype=np.int64)
+        self.segment = _rank_within_row(self.row, self.offset)
+
+    def n_docs_split(self) -> int:
+        return int((self.spans > self.L).sum())
+
+    def write(self, store: DocTokens, docs: np.ndarray, eos_id: int, pad_id: int, tok: np.ndarray,
+              seg: np.ndarray) -> None:
+        L, spans, cur, t = self.L, self.spans, -1, None
+        for k, start, n, r, off, s in zip(self.piece_doc.tolist(), self.piece_start.tolist(),
+                                          self.piece_len.tolist(), self.row.tolist(), self.offset.tolist(),
+                                          self.segment.tolist()):
+            if k != cur:
+                cur, t = k, store[int(docs[k])]
+            dst = r * L + off
+            if start + n == spans[k]:  # the document's last piece ends with its eos
+                tok[dst : dst + n - 1] = t[start:]
+                tok[dst + n - 1] = eos_id
+            else:
+                tok[dst : dst + n] = t[start : start + n]
+            seg[dst : dst + n] = s
+        fill = np.bincount(self.row, weights=self.piece_len, minlength=int(self.rows.sum())).astype(np.int64)
+        for r in np.flatnonzero(fill < L).tolist():
+            tok[r * L + fill[r] : (r + 1) * L] = pad_id
+            seg[r * L + fill[r] : (r + 1) * L] = PAD_SEGMENT
+
+
+def _rank_within_row(row: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Segment id of each piece: its rank by offset among the pieces of its row."""
+    order = np.lexsort((offset, row))
+    sorted_rows = row[order]
+    is_first = np.ones(len(order), bool)
+    is_first[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    run_start = np.maximum.accumulate(np.where(is_first, np.arange(len(order)), 0))
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order)) - run_start
+    return rank
+
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Place items of the given lengths (each <= capacity) into bins: (bin, offset in it) per item, n_bins.
+
+    Longest first (equal lengths in the given order), each item goes into the open bin with the least
+    remaining room that still holds it, the lowest-numbered such bin on ties, else into a new bin. Bins are
+    numbered in the order they are opened, items laid out in a bin in the order they arrive. O(n log capacity).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
+        raise ValueError(f"item lengths must be in [1, {capacity}]")
+    bins = np.empty(len(lengths), np.int64)
+    offsets = np.empty(len(lengths), np.int64)
+    open_bins = _RoomIndex(capacity)
+    n_bins = 0
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[i])
+        room = open_bins.least_room_at_least(n)
+        if room < 0:
+            b, room, n_bins = n_bins, capacity, n_bins + 1
+        else:
+            b = open_bins.pop(room)
+        bins[i], offsets[i] = b, capacity - room
+        if room > n:
+            open_bins.add(room - n, b)
+    return bins, offsets, n_bins
+
+
+class _RoomIndex:
+    """Open bins by remaining room (1..capacity): a min-heap of bin numbers per room, plus a segment tree
+    over rooms marking the non-empty heaps, to find the least room >= n in O(log capacity)."""
+
+    def __init__(self, capacity: int):
+        self.size = 1 << capacity.bit_length()  # leaves for rooms 0..capacity
+        self.tree = bytearray(2 * self.size)  # 1 where a room (leaf) or a range (node) has an open bin
+        self.heaps: list[list[int]] = [[] for _ in range(capacity + 1)]
+
+    def add(self, room: int, b: int) -> None:
+        heapq.heappush(self.heaps[room], b)
+        if len(self.heaps[room]) == 1:
+            self._mark(room, 1)
+
+    def pop(self, room: int) -> int:
+        b = heapq.heappop(self.heaps[room])
+        if not self.heaps[room]:
+            self._mark(room, 0)
+        return b
+
+    def _mark(self, room: int, value: int) -> None:
+        tree, i = self.tree, room + self.size
+        tree[i] = value
+        i >>= 1
+        while i and tree[i] != (tree[2 * i] | tree[2 * i + 1]):
+            tree[i] = tree[2 * i] | tree[2 * i + 1]
+            i >>= 1
+
+    def least_room_at_least(self, n: int) -> int:
+        """The least room >= n that some open bin has, or -1."""
+        tree, size = self.tree, self.size
+        i = n + size
+        if i >= 2 * size:
+            return -1
+        if tree[i]:
+            return n
+        while i > 1:  # up until a right sibling holds an open bin, then down to its leftmost one
+            if not i & 1 and tree[i + 1]:
+                i += 1
+                while i < size:
+                    i = 2 * i if tree[2 * i] else 2 * i + 1
+                return i - size
+            i >>= 1
+        return -1
+
+
+def _inputs_hash(store: DocTokens, doc_index, groups, paths, seq_len, eos_id, pad_id, algo) -> str:
     """Cheap identity of the packing inputs (doc selection, grouping, paths, doc lengths; not token values)."""
     h = hashlib.sha256()
-    h.update(json.dumps([seq_len, int(eos_id), int(pad_id), store.dtype.name]).encode())
+    head = [seq_len, int(eos_id), int(pad_id), store.dtype.name] + ([] if algo == "concat" else [algo])
+    h.update(json.dumps(head).encode())
     for arr in (store.offsets, doc_index, groups):
         h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
     for g in sorted(paths):
@@ -284,6 +456,16 @@ class PackedDataset:
     @property
     def depth(self) -> int:
         return int(self.meta["depth"])
+
+    def packing_stats(self) -> dict:
+        """How the rows were packed: algo, rows, tokens (eos included), padding fraction, documents split
+        across rows (absent for a folder packed before these were recorded)."""
+        m, slots = self.meta, len(self) * (self.seq_len + 1)
+        stats = {"algo": m.get("packing_algo", "concat"), "rows": len(self), "tokens": self.n_tokens,
+                 "padding_fraction": m.get("padding_fraction", 1.0 - self.n_tokens / slots)}
+        if "n_docs_split" in m:
+            stats["docs_split"] = m["n_docs_split"]
+        return stats
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
