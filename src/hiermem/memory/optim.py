@@ -12,6 +12,12 @@ per-block step counts and the hyperparameters; save() writes those to one small 
 always come from the constructor (the config); the file records them for reference only. Over a bank shard
 (memory/bank.py `held`) the counts are the shard's blocks' only; gathered() assembles every rank's for the
 checkpoint file, which always covers the whole bank, and load() takes a shard's rows of it.
+
+A masked step (step(..., skip=flag), a 0-dim bool on the bank's device: train.nonfinite=skip) changes nothing
+when the flag is set, without reading it on the host: the blocks keep their old weights and moments
+(torch.where), and their step counts, kept on the host, are corrected on the device (an "uncounted" tensor per
+part, subtracted where the bias corrections are computed and folded into the counts by settle(), which save()
+and gathered() call). A block written back unchanged still counts as written (its bf16 rounding counter moves).
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ class LazyAdamW:
         self.bank, self.lr, self.betas, self.eps, self.weight_decay = bank, lr, tuple(betas), eps, weight_decay
         bank.enable_state()  # zero moments, unless the bank was loaded with its own (to resume)
         self.steps = {k: np.zeros(len(bank.held(k)), np.int64) for k in bank.parts()}  # per held block
+        self._uncounted: dict[str, torch.Tensor] = {}  # masked steps not yet taken off `steps` (on the device)
 
     # -- the update ----------------------------------------------------------------------------------------
-    def step(self, grads: BlockGrads, lr: float | None = None) -> list[int]:
-        """Update the blocks in grads; returns the number of distinct blocks updated per tree level."""
+    def step(self, grads: BlockGrads, lr: float | None = None, skip: torch.Tensor | None = None) -> list[int]:
+        """Update the blocks in grads; returns the number of distinct blocks updated per tree level (counted
+        whether or not a `skip` flag masks the update, which is not read on the host)."""
         lr = self.lr if lr is None else float(lr)
         b1, b2 = self.betas
         dev = self.bank.device
@@ -56,27 +64,51 @@ class LazyAdamW:
             rows = self.bank.local_rows(key, ids.numpy())
             steps[rows] += 1
             # per-block bias corrections, computed in float64 like torch's Python-float scalars
-            t = torch.from_numpy(steps[rows].astype(np.float64))
+            if skip is None:
+                t = torch.from_numpy(steps[rows].astype(np.float64))
+            else:
+                t = self._masked_counts(key, rows, skip)
             bshape = (-1,) + (1,) * (g.dim() - 1)
             step_size = (lr / (1 - b1 ** t)).to(dev, torch.float32).view(bshape)
             bc2_sqrt = ((1 - b2 ** t) ** 0.5).to(dev, torch.float32).view(bshape)
 
             w, m, v = self.bank.read_state(key, ids)
+            old = (w.clone(), m.clone(), v.clone()) if skip is not None else None
             w.mul_(1 - lr * self.weight_decay)  # decoupled weight decay, touched blocks only
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
             w.add_(-step_size * m / denom)  # = addcdiv_(m, denom, value=-step_size), same op order
+            if old is not None:
+                w, m, v = (torch.where(skip, a, b) for a, b in zip(old, (w, m, v)))
             self.bank.write_state(key, ids, w, m, v)
             if key.startswith("level"):
                 updated[int(key[5:])] = len(ids)
         return updated
+
+    def _masked_counts(self, key: str, rows: np.ndarray, skip: torch.Tensor) -> torch.Tensor:
+        """This step's counts of blocks `rows` (float64, on the device) net of earlier masked steps; then this
+        step, if masked, is added to the uncounted ones. No host sync."""
+        dev = skip.device
+        if key not in self._uncounted:
+            self._uncounted[key] = torch.zeros(len(self.steps[key]), dtype=torch.int64, device=dev)
+        uncounted, idx = self._uncounted[key], torch.from_numpy(rows).to(dev)
+        t = (torch.from_numpy(self.steps[key][rows]).to(dev) - uncounted[idx]).double()
+        uncounted.index_add_(0, idx, skip.long().expand(len(rows)))
+        return t
+
+    def settle(self) -> None:
+        """Take the masked steps off the host step counts (a host sync)."""
+        for key, uncounted in self._uncounted.items():
+            self.steps[key] -= uncounted.cpu().numpy()
+        self._uncounted = {}
 
     # -- state ---------------------------------------------------------------------------------------------
     def gathered(self, gather) -> "LazyAdamW | None":
         """A collective over a sharded bank's ranks (gather: every rank's argument on rank 0, None elsewhere):
         on rank 0 a copy of this optimizer whose step counts cover every block (a shared block's replicas
         count alike; a block no rank holds was never fetched: 0), to save(); None on the other ranks."""
+        self.settle()
         everyone = gather({k: (self.bank.held(k), s) for k, s in self.steps.items()})
         if everyone is None:
             return None
@@ -89,6 +121,7 @@ class LazyAdamW:
 
     def save(self, path: str | Path) -> None:
         """Write the step counts (and, for reference, the hyperparameters) to one .npz file, atomically."""
+        self.settle()
         if any(len(s) != self.bank.n_blocks(k) for k, s in self.steps.items()):
             raise ValueError("LazyAdamW.save: a bank shard's step counts; save the copy gathered() returns")
         arrays = {f"steps.{k}": s for k, s in self.steps.items()}
@@ -119,3 +152,4 @@ class LazyAdamW:
             if src.shape != (n,):
                 raise HiermemError(f"{path}: {key} has {src.size} step counts, the bank has {n} blocks")
             s[:] = src[self.bank.held(key)]
+        self._uncounted = {}
