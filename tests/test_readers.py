@@ -104,7 +104,7 @@ def test_missing_and_wrong_type_text(tmp_path):
 def test_invalid_utf8(tmp_path):
     p = tmp_path / "notes.txt"
     p.write_bytes(b"good text\n\nbad \xff here")
-    with raises(rf"^{re.escape(str(p))}: invalid UTF-8 at byte 15$"):
+    with raises(rf"^{re.escape(str(p))}:3: invalid UTF-8 at byte 15$"):
         read_documents(p)
     j = tmp_path / "corpus.jsonl"
     j.write_bytes(b'{"text": "ok"}\n{"text": "\xc3("}\n')

@@ -126,12 +126,17 @@ def read_documents(path: str | Path) -> list[Document]:
     for shard in list_shards(path):
         for rec in iter_records(shard):
             if rec.doc.id in where:
-                raise HiermemError(f'{rec.loc}: duplicate id "{rec.doc.id}" (first seen at {where[rec.doc.id]})')
+                raise HiermemError(f"{rec.loc}: duplicate id {quote_id(rec.doc.id)} (first seen at {where[rec.doc.id]})")
             where[rec.doc.id] = rec.loc
             docs.append(rec.doc)
     if not docs:
         raise HiermemError(f"{path}: no documents (empty corpus)")
     return docs
+
+
+def quote_id(doc_id: str) -> str:
+    """An id in a message: JSON-quoted, so one holding a quote or a line break keeps the message one line."""
+    return json.dumps(doc_id, ensure_ascii=False)
 
 
 def iter_records(shard: Shard) -> Iterator[Record]:
@@ -250,13 +255,12 @@ def _lines(stream: BinaryIO, shard: Shard) -> Iterator[bytes]:
         yield raw
 
 
-def _decode(raw: bytes, path: Path, offset: int, line: int | None) -> str:
-    """Decode UTF-8; on failure name the absolute byte offset in the file (and the line if known)."""
+def _decode(raw: bytes, path: Path, offset: int, line: int) -> str:
+    """Decode UTF-8; on failure name the line and the absolute byte offset in the file."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        loc = f"{path}:{line}" if line is not None else f"{path}"
-        raise HiermemError(f"{loc}: invalid UTF-8 at byte {offset + e.start}") from None
+        raise HiermemError(f"{path}:{line}: invalid UTF-8 at byte {offset + e.start}") from None
 
 
 # --- scanning -------------------------------------------------------------------------------------------
@@ -278,6 +282,10 @@ def _iter_jsonl(shard: Shard) -> Iterator[Record]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise HiermemError(f"{loc}: malformed JSON ({e.msg})") from None
+            except ValueError as e:  # a number too long for int() (Python's 4300-digit limit)
+                raise HiermemError(f"{loc}: malformed JSON ({_first_line(e).split(':')[0]})") from None
+            except RecursionError:
+                raise HiermemError(f"{loc}: malformed JSON (nested too deeply)") from None
             if not isinstance(obj, dict):
                 raise HiermemError(f"{loc}: expected a JSON object, got {type(obj).__name__}")
             if "text" not in obj:
@@ -304,7 +312,7 @@ def _iter_txt(shard: Shard) -> Iterator[Record]:
             base, pos = pos, pos + len(raw)
             if i == 0 and raw.startswith(_BOM):
                 raw, base = raw[3:], base + 3
-            text = _decode(raw, path, base, None)
+            text = _decode_txt(raw, path, base, lineno)
             for line, piece in zip(text.splitlines(), text.splitlines(keepends=True)):
                 lineno += 1
                 if line.strip():
@@ -320,6 +328,17 @@ def _iter_txt(shard: Shard) -> Iterator[Record]:
     if block:
         yield Record(Document(f"{shard.name}:{first}", "\n".join(block)), f"{path}:{first}", first, start,
                      end - start)
+
+
+def _decode_txt(raw: bytes, path: Path, offset: int, lines_before: int) -> str:
+    """_decode for a binary .txt line (which may hold several splitlines lines): a failure names the line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        head = raw[: e.start].decode("utf-8").splitlines(keepends=True)
+        ended = bool(head) and head[-1].splitlines()[0] != head[-1]  # the bad byte starts a new line
+        line = lines_before + len(head) + (1 if ended or not head else 0)
+        raise HiermemError(f"{path}:{line}: invalid UTF-8 at byte {offset + e.start}") from None
 
 
 def _parquet_file(path: Path):
@@ -360,7 +379,7 @@ def _iter_parquet(shard: Shard) -> Iterator[Record]:
 def _text(value: object, loc: str) -> str:
     if not isinstance(value, str):
         raise HiermemError(f'{loc}: field "text" must be a string')
-    return value
+    return _unicode(value, "text", loc)
 
 
 def _doc_id(value: object, loc: str, default: str) -> str:
@@ -368,7 +387,19 @@ def _doc_id(value: object, loc: str, default: str) -> str:
         return default
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise HiermemError(f'{loc}: field "id" must be a string or an integer')
-    return str(value)
+    return _unicode(value, "id", loc) if isinstance(value, str) else str(value)
+
+
+def _unicode(value: str, name: str, loc: str) -> str:
+    """A string that UTF-8 can encode: JSON's \\ud800 escapes decode to lone surrogates, which the tokenizer
+    and the on-disk index cannot take."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise HiermemError(f'{loc}: field "{name}" holds an unpaired surrogate '
+                               f'(\\u{ord(value[e.start]):04x}) at character {e.start}') from None
+    return value
 
 
 def _first_line(e: BaseException) -> str:

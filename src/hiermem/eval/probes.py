@@ -1,6 +1,6 @@
 """Knowledge probes: prompt -> gold answer, exact-match accuracy by group (``hiermem eval --probes``).
 
-A probe file is JSONL, one object per line (blank lines skipped):
+A probe file is JSONL, one object per line ending in "\n" (blank lines and a leading UTF-8 BOM skipped):
 
 * ``prompt`` (str, required) and ``answer`` (str or number, required; numbers become strings);
 * ``group`` (str, optional): the label the probe is reported under; otherwise ``frequency`` (int, optional:
@@ -19,6 +19,7 @@ function that decodes (greedily, with whatever model, memory and router) and ret
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from collections import defaultdict
@@ -41,8 +42,8 @@ _STRIP = string.punctuation + string.whitespace
 def load_probes(path: str | Path) -> list[dict]:
     """Read a probe file (see the module docstring); errors name the file and line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+    try:  # lines end at "\n" only, as in the corpus reader: JSON strings may hold U+2028 or U+0085 raw
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # -sig: a leading BOM is tolerated
     except (OSError, UnicodeDecodeError) as e:
         raise HiermemError(f"{path}: cannot read probe file ({e})") from None
     probes = []
@@ -59,6 +60,8 @@ def _check_probe(line: str, where: str) -> dict:
         rec = json.loads(line)
     except ValueError as e:
         raise HiermemError(f"{where}: malformed JSON ({e})") from None
+    except RecursionError:
+        raise HiermemError(f"{where}: malformed JSON (nested too deeply)") from None
     if not isinstance(rec, dict):
         raise HiermemError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     for key in ("prompt", "answer"):
@@ -69,6 +72,8 @@ def _check_probe(line: str, where: str) -> dict:
     ans = rec["answer"]
     if isinstance(ans, bool) or not isinstance(ans, (str, int, float)):
         raise HiermemError(f'{where}: "answer" must be a string or a number')
+    if isinstance(ans, float) and not math.isfinite(ans):  # NaN, Infinity, 1e999
+        raise HiermemError(f'{where}: "answer" must be a finite number (got {ans})')
     if isinstance(ans, float) and ans.is_integer():
         ans = int(ans)  # 11.0 -> "11", not "11.0"
     rec["answer"] = str(ans)
@@ -78,6 +83,12 @@ def _check_probe(line: str, where: str) -> dict:
                            ("frequency", int, "an integer")):
         if key in rec and (not isinstance(rec[key], typ) or isinstance(rec[key], bool)):
             raise HiermemError(f'{where}: "{key}" must be {name}')
+    for key in ("prompt", "answer", "group", "route_text"):  # \ud800 escapes: text the tokenizer cannot encode
+        if key in rec and not rec[key].isascii():
+            try:
+                rec[key].encode("utf-8")
+            except UnicodeEncodeError:
+                raise HiermemError(f'{where}: "{key}" holds an unpaired surrogate') from None
     return rec
 
 
