@@ -15,28 +15,33 @@ from hiermem_experiments.longtail.demo import (DEFAULT_PRESET, PRESET_DIR, ROWS,
 from hiermem_experiments.longtail.jobs import depends, evals, job_costs, trainings
 
 # What each preset holds (the former default_spec(), values verbatim; demo-cpu became 2 epochs without the
-# anchor_staged control to fit the 10-minute budget, and demo-full keeps the former 3-epoch default).
+# anchor_staged control to fit the 10-minute budget, then one cosine over both phases with memory LR 3e-3 so that
+# common text does not pay; demo-full keeps the former 3-epoch default and its restarted schedule).
+_RESTART = dict(phase2_schedule="restart", memory_lr=1e-2, memory_lr_min=1e-3)
 _GPU = ("train.device=auto", "routing.max_tokens=16", "data.val_fraction=0.0")
 FORMER = {
     "demo-cpu": DemoSpec(),
-    "demo-full": DemoSpec(epochs=3, staged_control=True),
+    "demo-full": DemoSpec(epochs=3, staged_control=True, **_RESTART),
     "demo-quick": DemoSpec(corpus=LongTailConfig(n_entities=300, n_unseen=40, head_mentions=60, n_background=250,
                                                  n_heldout_background=40, n_heldout_facts=60),
-                           overrides=("routing.branching=8", "data.vocab_size=1024"), epochs=4, phase1_epochs=2),
+                           overrides=("routing.branching=8", "data.vocab_size=1024"), epochs=4, phase1_epochs=2,
+                           memory_lr=1e-2, memory_lr_min=1e-3),
     "demo-gpu": DemoSpec(preset="gpu", overrides=(*_GPU, "data.seq_len=128", "model.max_seq_len=128",
                                                   "routing.depth=2", "memory.ranks=[128,128]", "train.batch_size=32"),
-                         epochs=4, phase1_epochs=2, lr=1e-3, phase2_lr=1e-3,
+                         epochs=4, phase1_epochs=2, lr=1e-3, phase2_lr=1e-3, **_RESTART,
                          dense=("model.d_model=768", "model.n_heads=12", "model.d_ff=2048")),
     "demo-160m": DemoSpec(preset="paper-160m", overrides=(
         *_GPU, "data.vocab_size=8192", "model.vocab_size=0", "data.seq_len=512", "model.max_seq_len=512",
         "routing.depth=3", "routing.router=knn", "memory.ranks=[256,64,16]", "memory.mmap=false",
         "train.mode=anchor", "train.grad_accum=1", "train.warmup_steps=100"),
-        epochs=4, phase1_epochs=2, lr=1e-3, phase2_lr=1e-3, memory_lr=1e-3, memory_lr_min=1e-4,
+        epochs=4, phase1_epochs=2, lr=1e-3, phase2_lr=1e-3, phase2_schedule="restart", memory_lr=1e-3,
+        memory_lr_min=1e-4,
         dense=("model.d_model=768", "model.n_heads=16", "model.head_dim=48", "model.d_ff=3072")),
 }
 # the default (cpu) preset, field by field: the YAML must not drift from it
 FORMER_CPU = {"preset": "small", "overrides": (), "user_overrides": (), "epochs": 2, "phase1_epochs": 1,
-              "lr": 2e-3, "phase2_lr": 2e-3, "memory_lr": 1e-2, "memory_lr_min": 1e-3,
+              "lr": 2e-3, "phase2_schedule": "continue", "phase2_lr": 2e-3, "memory_lr": 3e-3,
+              "memory_lr_min": 3e-4,
               "dense": ("model.d_model=192", "model.n_heads=6", "model.d_ff=512"), "knn_k": 10, "max_new_tokens": 10,
               "staged_control": False, "corpus": {"seed": 0, "n_entities": 2000, "n_unseen": 250, "head_mentions": 200, "zipf_exponent": 0.606,
                          "min_mentions": 2, "n_background": 1500, "background_words": 55, "distractor_prob": 0.3,

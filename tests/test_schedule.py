@@ -19,3 +19,22 @@ def test_warmup_then_cosine_endpoints():
 def test_no_warmup_and_degenerate_lengths():
     assert warmup_cosine(0, 50, 2.0, 0.0, 0) == pytest.approx(2.0)
     assert warmup_cosine(0, 1, 2.0, 0.5, 0) == 2.0
+
+
+def test_two_spans_continue_one_schedule():
+    from hiermem.train.schedule import span_cosine
+
+    whole = [warmup_cosine(s, 200, 2e-3, 2e-4, 20) for s in range(200)]
+    first = [span_cosine(s, 100, 2e-3, 2e-4, 20, (0.0, 0.5)) for s in range(100)]
+    second = [span_cosine(s, 100, 2e-3, 2e-4, 20, (0.5, 1.0)) for s in range(100)]
+    assert first + second == whole
+    assert [span_cosine(s, 37, 1.0, 0.1, 5, (0.0, 1.0)) for s in range(37)] == \
+        [warmup_cosine(s, 37, 1.0, 0.1, 5) for s in range(37)]
+
+
+def test_a_bad_span_is_refused():
+    from hiermem.config import load_config
+    from hiermem.errors import HiermemError
+
+    with pytest.raises(HiermemError, match=r"train.lr_span must be \[a, b\] with 0 <= a < b <= 1 \(got \[0.5, 0.5\]\)"):
+        load_config(None, ["train.lr_span=[0.5,0.5]"])

@@ -34,6 +34,7 @@ from hiermem.io_utils import atomic_write_json, atomic_write_text
 from hiermem_experiments.longtail.buckets import bucket_of, leaf_prior
 from hiermem_experiments.longtail.corpus import LongTailConfig, build_corpus, load_corpus, write_corpus
 from hiermem_experiments.longtail.jobs import evals, run_jobs
+from hiermem_experiments.longtail.rag_rows import evaluate_rag_rows, report_rows
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "demo-cpu"
@@ -48,9 +49,11 @@ class DemoSpec:
     epochs: int = 2  # every model sees every document this many times (whole epochs: equal exposure)
     phase1_epochs: int = 1  # the memory run (and anchor_staged): phase 1 anchor only, then phase 2
     lr: float = 2e-3  # anchor peak LR (one cosine) and phase 1
-    phase2_lr: float = 2e-3  # anchor LR in phase 2 (both runs): the cosine restarts at the same peak
-    memory_lr: float = 1e-2
-    memory_lr_min: float = 1e-3
+    phase2_schedule: str = "continue"  # continue: phases 1 and 2 follow the anchor's single cosine (train.lr_span);
+    #                                    restart: phase 1 decays fully, phase 2 restarts at phase2_lr
+    phase2_lr: float = 2e-3  # with restart only: anchor LR in phase 2 (both runs), the cosine's new peak
+    memory_lr: float = 3e-3
+    memory_lr_min: float = 3e-4
     dense: tuple[str, ...] = ("model.d_model=192", "model.n_heads=6", "model.d_ff=512")
     knn_k: int = 10
     max_new_tokens: int = 10
@@ -94,11 +97,20 @@ def job_configs(spec: DemoSpec, out: Path) -> dict[str, Config]:
                                           *spec.user_overrides])
 
     lr = f"train.lr={spec.lr}"
-    p2 = [f"train.epochs={phase2}", f"train.lr={spec.phase2_lr}", f"train.lr_min={spec.phase2_lr / 10}",
-          "train.warmup_steps=0", f"train.init_from={runs / 'phase1'}"]
+    if spec.phase2_schedule == "continue":  # one cosine over both phases, cut where phase 1 ends
+        cut = spec.phase1_epochs / spec.epochs
+        p1 = [lr, f"train.lr_span=[0.0,{cut}]"]
+        p2 = [f"train.epochs={phase2}", lr, f"train.lr_span=[{cut},1.0]", f"train.init_from={runs / 'phase1'}",
+              "train.init_optimizer=true"]  # and Adam's moments: phase 2 picks up where phase 1 stopped
+    elif spec.phase2_schedule == "restart":
+        p1 = [lr]
+        p2 = [f"train.epochs={phase2}", f"train.lr={spec.phase2_lr}", f"train.lr_min={spec.phase2_lr / 10}",
+              "train.warmup_steps=0", f"train.init_from={runs / 'phase1'}"]
+    else:
+        raise HiermemError(f"demo: phase2_schedule must be continue or restart, got {spec.phase2_schedule!r}")
     configs = {
         "anchor": cfg("anchor", f"train.epochs={spec.epochs}", lr),
-        "phase1": cfg("phase1", f"train.epochs={spec.phase1_epochs}", lr),
+        "phase1": cfg("phase1", f"train.epochs={spec.phase1_epochs}", *p1),
         "anchor_staged": cfg("anchor_staged", *p2),
         "memory": cfg("memory", *p2, "train.mode=cotrain", f"memory.lr={spec.memory_lr}",
                       f"memory.lr_min={spec.memory_lr_min}"),
@@ -170,8 +182,10 @@ def _routing(run, routers: dict, out: Path, corpus, probes: list[dict]) -> tuple
     return paths, agreement, leaves
 
 
-def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: DemoSpec) -> dict:
-    """Every report row of one trained run: probes by bucket and held-out perplexity (+ routing for memory)."""
+def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: DemoSpec,
+                 rows: dict[str, tuple] | None = None) -> dict:
+    """Every report row of one trained run (rows: row -> (run, memory mode, router), default ROWS): probes by
+    bucket and held-out perplexity (+ routing for memory runs)."""
     from hiermem.eval.evaluate import probe_predictor, routed_perplexity
     from hiermem.eval.inference import MemoryContext
     from hiermem.eval.probes import evaluate_probes
@@ -197,7 +211,7 @@ def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: Dem
             groups = np.array([p["group"] for p in probes["country"]])
             result["country_leaf_prior"][r] = [float(ok[groups == b].mean() * 100) if (groups == b).any() else 0.0
                                                for b in corpus.buckets]
-    for row, (name, mode, router) in ROWS.items():
+    for row, (name, mode, router) in (rows or ROWS).items():
         if name != run_name:
             continue
         ctx = MemoryContext(run, mode, router if router in ("knn", "centroid") else "knn")
@@ -216,11 +230,15 @@ def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: Dem
             hp = heldout_paths[router][kind] if mode == "fetched" else None
             rec[key] = routed_perplexity(run, ctx, docs, texts, paths=hp)["ppl"]
         result["rows"][row] = rec
+    if rows is None:  # the default report also has the RAG rows (rag_rows.py)
+        result["rows"].update(evaluate_rag_rows(run_name, run, probes["population"], corpus.buckets,
+                                                paths["knn"] if paths else None, spec.max_new_tokens))
     return result
 
 
 # --------------------------------------------------------------------------------------------- report
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, path: Path,
+         title: str = "Long-tail facts: anchor vs hierarchical memory (hiermem demo)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +254,7 @@ def plot(report: dict, path: Path) -> None:
         ax.plot(buckets, m["accuracy"], style, lw=width, label=name)
     ax.set_xlabel("training mentions of the city (bucket)")
     ax.set_ylabel("population exact match (%)")
-    ax.set_title("Long-tail facts: anchor vs hierarchical memory (hiermem demo)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -252,7 +270,8 @@ def format_report(report: dict) -> str:
     lines = ["city -> population, exact match % by training mentions (rarest first)", head, "-" * len(head)]
     for name, m in report["models"].items():
         lines.append(f"{name:<18}" + "".join(f"{x:>8.1f}" for x in m["accuracy"]) + f"{m['overall']:>8.1f}"
-                     f"{m['perplexity_real_text']:>10.2f}{m['perplexity_facts']:>10.2f}")
+                     + "".join("-".rjust(10) if m[k] is None else f"{m[k]:>10.2f}"  # None: RAG rows
+                               for k in ("perplexity_real_text", "perplexity_facts")))
     lines += ["", "city -> country (the leaf can give this away; leaf prior = most common country in the leaf)"]
     for name in COUNTRY_ROWS:
         m = report["models"][name]
@@ -274,8 +293,9 @@ def format_report(report: dict) -> str:
 
 
 def run_demo(preset: str = DEFAULT_PRESET, out: str | None = None, jobs: int = 2, progress: bool = True,
-             spec: DemoSpec | None = None) -> dict:
-    """Build (or reuse) the corpus, run every job of `spec` (default: the preset's) and write the report."""
+             spec: DemoSpec | None = None, quiet: bool = False) -> dict:
+    """Build (or reuse) the corpus, run every job of `spec` (default: the preset's) and write the report
+    (printed unless quiet)."""
     from hiermem.data.prepare import prepare
     from hiermem.data.tokenizer import resolve_vocab
     from hiermem.memory.spec import parameter_report
@@ -297,6 +317,7 @@ def run_demo(preset: str = DEFAULT_PRESET, out: str | None = None, jobs: int = 2
     wall, cpu = run_jobs(configs, out, spec, jobs, progress)
     results = {n: json.loads((out / "eval" / f"{n}.json").read_text()) for n in evals(spec).values()}
     models = {row: results[run]["rows"][row] for row, (run, _, _) in ROWS.items() if run in results}
+    models.update(report_rows(results))
     summaries = {n: json.loads((c.run_dir / "train_summary.json").read_text()) for n, c in configs.items()}
     params = parameter_report(configs["memory"])
     params["dense2x"] = parameter_report(configs["dense2x"])["anchor"]
@@ -321,6 +342,7 @@ def run_demo(preset: str = DEFAULT_PRESET, out: str | None = None, jobs: int = 2
     plot(report, out / "accuracy_by_bucket.png")
     text = format_report(report)
     atomic_write_text(out / "report.txt", text + "\n")
-    print(text)
-    print(f"\nwrote {out / 'report.json'}, {out / 'report.txt'}, {out / 'accuracy_by_bucket.png'}")
+    if not quiet:
+        print(text)
+        print(f"\nwrote {out / 'report.json'}, {out / 'report.txt'}, {out / 'accuracy_by_bucket.png'}")
     return report

@@ -40,7 +40,9 @@ def evals(spec: DemoSpec) -> dict[str, str]:
 def depends(spec: DemoSpec) -> dict[str, list[str]]:
     """Every job of the spec -> the jobs it waits for."""
     after = {"memory": ["phase1", "cluster"], "anchor_staged": ["phase1"]}
-    return {"cluster": [], **{n: after.get(n, []) for n in trainings(spec)}, **{e: [n] for e, n in evals(spec).items()}}
+    evals_after = {"eval_anchor": ["cluster"]}  # its "rag" row retrieves from the data dir's knn index (rag_rows.py)
+    return {"cluster": [], **{n: after.get(n, []) for n in trainings(spec)},
+            **{e: [n, *evals_after.get(e, [])] for e, n in evals(spec).items()}}
 
 
 def job_costs(spec: DemoSpec) -> dict[str, float]:
@@ -126,8 +128,6 @@ def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int,
     """Run clustering, trainings and evaluations as subprocesses, dependencies first, critical path first.
     A training whose run directory is stale (another config) is retrained from scratch.
     Returns each job's wall seconds and CPU seconds (0 for cached jobs)."""
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     for old in (out / "configs").glob("*.yaml"):  # a training the spec no longer has (e.g. anchor_staged)
         if old.stem not in configs:
@@ -136,12 +136,28 @@ def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int,
         save_config(cfg, out / "configs" / f"{name}.yaml")
     spec_dict = dataclasses.asdict(spec)
     atomic_write_json(out / "spec.json", json.loads(json.dumps(spec_dict, default=list)))
-    cost, graph = job_costs(spec), depends(spec)
-    names = list(graph)
-    done = {n for n in names if _done(n, configs, out)}
+    graph = depends(spec)
+    done = {n for n in graph if _done(n, configs, out)}
     for n in trainings(spec):
         if n not in done and configs[n].run_dir.exists():
             shutil.rmtree(configs[n].run_dir)  # stale or interrupted: start it again
+
+    def command(n: str) -> str:
+        return f"from hiermem_experiments.longtail.jobs import _job_main; _job_main({n!r}, {str(out)!r})"
+
+    return schedule(graph, job_costs(spec), done, command, lambda n: _progress(n, configs), out / "logs", jobs,
+                    progress, "demo jobs")
+
+
+def schedule(graph: dict[str, list[str]], cost: dict[str, float], done: set[str], command, progress_of,
+             logs: Path, jobs: int, progress: bool, desc: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Run every job of `graph` (job -> the jobs it waits for) not in `done` as a one-thread subprocess
+    executing `command(name)` (Python source), at most `jobs` at a time, the longest remaining chain first.
+    The first failure stops the others and raises its log's last line. Returns wall and CPU seconds per job
+    (0 for jobs already done)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    names = list(graph)
+    done = set(done)
     wall = {n: 0.0 for n in done}
     cpu = dict(wall)
 
@@ -149,7 +165,7 @@ def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int,
         return cost[n] + max((chain(m) for m in names if n in graph[m]), default=0.0)
 
     running: dict[str, tuple[subprocess.Popen, float]] = {}
-    bar = tqdm(total=round(sum(cost.values()), 1), desc="demo jobs", unit="unit", disable=not progress,
+    bar = tqdm(total=round(sum(cost.values()), 1), desc=desc, unit="unit", disable=not progress,
                dynamic_ncols=True, mininterval=2.0,
                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} [{elapsed}<{remaining}] {postfix}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -158,10 +174,9 @@ def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int,
         ready.sort(key=chain, reverse=True)
         while ready and len(running) < jobs:
             n = ready.pop(0)
-            code = f"from hiermem_experiments.longtail.jobs import _job_main; _job_main({n!r}, {str(out)!r})"
             with open(logs / f"{n}.log", "w") as log:  # the child keeps its own copy of the file
-                running[n] = (subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
-                                               env=env), time.perf_counter())
+                running[n] = (subprocess.Popen([sys.executable, "-c", command(n)], stdout=log,
+                                               stderr=subprocess.STDOUT, env=env), time.perf_counter())
         time.sleep(0.5)
         for n, (proc, t0) in list(running.items()):
             used = _reap(proc)
@@ -172,10 +187,10 @@ def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int,
                 for other, _ in running.values():
                     other.kill()
                 lines = (logs / f"{n}.log").read_text().strip().splitlines() or ["(no output)"]
-                raise HiermemError(f"demo job {n} failed (log: {logs / (n + '.log')}): {lines[-1]}")
+                raise HiermemError(f"{desc.split()[0]} job {n} failed (log: {logs / (n + '.log')}): {lines[-1]}")
             done.add(n)
             wall[n], cpu[n] = time.perf_counter() - t0, used
-        bar.n = round(sum(cost[n] for n in done) + sum(cost[n] * _progress(n, configs) for n in running), 1)
+        bar.n = round(sum(cost[n] for n in done) + sum(cost[n] * progress_of(n) for n in running), 1)
         bar.set_postfix_str("running: " + ", ".join(running) if running else "")
         bar.refresh()
     bar.close()
