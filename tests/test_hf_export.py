@@ -164,9 +164,11 @@ def test_export_refuses_a_data_directory_of_another_tokenizer(memory_run, tmp_pa
     run = open_run(str(memory_run), device="cpu")
     data = tmp_path / "data"
     shutil.copytree(run.cfg.data_dir, data)
-    meta = json.loads((data / "prepare.json").read_text())
+    from hiermem.integrity import read_json, write_sealed_json
+
+    meta = read_json(data / "prepare.json")
     meta["tokenizer_fingerprint"] = "0" * 64
-    (data / "prepare.json").write_text(json.dumps(meta))
+    write_sealed_json(data / "prepare.json", meta)  # a consistent file of another tokenizer, not a damaged one
     assert main(["export", str(memory_run), str(tmp_path / "out"), f"data.dir={data}"]) == 2
     assert capsys.readouterr().err == f"error: {data}: tokenised with another tokenizer than the run {memory_run}\n"
     assert not (tmp_path / "out").exists()

@@ -487,3 +487,21 @@ def test_a_cuda_run_keeps_an_in_ram_bank_on_the_gpu_and_saves_it(make):
     saved = MemoryBank.load(cfg.run_dir / "bank", mmap=False)
     for k in saved.parts():
         assert torch.equal(saved.part(k), trainer.bank.part(k).cpu()), k
+
+
+def test_init_optimizer_continues_the_source_runs_adam_moments(make, anchor_run):
+    from hiermem.train.checkpoint import load_state
+
+    state = load_state(anchor_run / "checkpoint")
+    saved = torch.load(anchor_run / "checkpoint" / state["files"]["optimizer"], weights_only=True)
+    cont = Trainer(make("cont", "train.mode=cotrain", f"train.init_from={anchor_run}", "train.init_optimizer=true",
+                        "train.max_steps=2"), progress=False)
+    got = cont.opt.state_dict()["state"]
+    assert len(got) == len(saved["state"]) > 0
+    for i, s in saved["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(got[i][key], s[key]), (i, key)
+    fresh = Trainer(make("fresh", "train.mode=cotrain", f"train.init_from={anchor_run}", "train.max_steps=2"),
+                    progress=False)
+    assert fresh.opt.state_dict()["state"] == {}  # the default: Adam starts afresh
+

@@ -56,7 +56,11 @@ def losses(run_dir):
     return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_close_runs(a, b, atol=1e-5):
+def assert_close_runs(a, b, atol=2e-4):
+    """Weights of two runs agree to atol (the losses, compared separately, to 1e-5): the gradients are summed in
+    another order across ranks, and Adam's m/sqrt(v) scales that rounding up to a fraction of the learning rate
+    on coordinates whose gradient is near zero (seen on this machine after 6 steps: anchor 1.0e-5 at LR 2e-3,
+    generic block 8.8e-5 at memory LR 1e-2)."""
     wa, wb = load_file(str(Path(a) / "anchor.safetensors")), load_file(str(Path(b) / "anchor.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:

@@ -1,4 +1,4 @@
-"""The `hiermem` command: prepare, cluster, train, eval, generate, serve, export, lm-eval, params, demo, bench.
+"""The `hiermem` command: prepare, cluster, train, eval, generate, serve, export, lm-eval, params, demo, bench, bank.
 
 Stage commands take `--config PRESET_OR_YAML` plus dot-list overrides (`train.lr=3e-4`); commands on a trained
 run (eval, generate) start from the run's saved config and take dot-list overrides of its inference-time fields
@@ -51,6 +51,11 @@ def _run_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     return p
 
 
+def _rag_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--rag", type=int, default=0, metavar="K",
+                   help=f"put the K nearest training documents (the knn index) before {what}; 0 = off")
+
+
 def cmd_prepare(args) -> None:
     from hiermem.data.prepare import prepare
 
@@ -94,7 +99,7 @@ def cmd_eval(args) -> None:
 
     result = evaluate_run(args.run, memory=args.memory, router=args.router, block_level=args.block_level,
                           probes=args.probes, max_new_tokens=args.max_new_tokens, device=args.device,
-                          progress=not args.quiet, overrides=args.overrides)
+                          progress=not args.quiet, overrides=args.overrides, rag=args.rag)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -107,7 +112,7 @@ def cmd_generate(args) -> None:
     texts = generate_text(args.run, args.prompt, memory=args.memory, router=args.router,
                           block_level=args.block_level, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          device=args.device, overrides=args.overrides)
+                          device=args.device, overrides=args.overrides, rag=args.rag)
     for prompt, text in zip(args.prompt, texts):
         print(prompt + text)
 
@@ -171,6 +176,11 @@ def cmd_demo(args) -> None:
         raise HiermemError(f"demo: --quick means --preset demo-quick, not --preset {args.preset}")
     preset = "demo-quick" if args.quick else args.preset or DEFAULT_PRESET
     spec = dataclasses.replace(load_spec(preset), user_overrides=tuple(args.overrides))
+    if args.ablation:
+        from hiermem_experiments.longtail.ablations import run_ablation
+
+        run_ablation(args.ablation, preset, out=args.out, jobs=args.jobs, progress=not args.quiet, spec=spec)
+        return
     run_demo(preset, out=args.out, jobs=args.jobs, progress=not args.quiet, spec=spec)
 
 
@@ -192,7 +202,148 @@ def cmd_bench(args) -> None:
     options = {k: v for k, v in (("size_mb", args.size_mb), ("encoder", args.encoder)) if v is not None}
     if options and args.suite != "data":
         raise HiermemError(f"bench: --size-mb and --encoder are options of --suite data, not {args.suite}")
-    run_suite(args.suite, out=args.out, quick=args.quick, **options)
+    chaos = {k: v for k, v in (("trials", args.trials), ("seed", args.seed)) if v is not None}
+    if chaos and args.suite != "chaos":
+        raise HiermemError(f"bench: --trials and --seed are options of --suite chaos, not {args.suite}")
+    run_suite(args.suite, out=args.out, quick=args.quick, **options, **chaos)
+
+
+# -- `hiermem bank`: a trained run's bank, block by block (memory/edit.py); the run-level steps live here, the
+# one layer that sees the bank, the checkpoint and the router together
+def _memory_run(path: str):
+    """(run dir, config) of a memory run of format 3, or a one-line refusal."""
+    from pathlib import Path
+
+    from hiermem.config import read_config
+    from hiermem.train.checkpoint import RUN_FORMAT_VERSION, read_run_format
+
+    run = Path(path)
+    if not run.is_dir():
+        raise HiermemError(f"{run}: no such run directory")
+    version = read_run_format(run)
+    if version < RUN_FORMAT_VERSION:
+        raise HiermemError(f"{run}: a run of format {version}; editing its bank needs format {RUN_FORMAT_VERSION}")
+    cfg = read_config(run / "config.yaml")
+    if not cfg.uses_memory:
+        raise HiermemError(f"{run}: trained without memory (train.mode={cfg.train.mode}): it has no bank")
+    return run, cfg
+
+
+def _bank_nodes(run, spec, leaf, prompt, level, whole_path, router) -> tuple[list, dict]:
+    """The blocks a `bank` command names and how it named them (a leaf, or a prompt routed by the run's router)."""
+    from hiermem.memory.edit import path_nodes
+
+    selector = {"leaf": leaf}
+    if prompt is not None:
+        from hiermem.eval.evaluate import open_run
+        from hiermem.eval.inference import MemoryContext
+
+        ctx = MemoryContext(open_run(str(run), router=router, device="cpu"), "fetched")
+        path = ctx.route([prompt])[0]
+        leaf = int(path[-1])
+        selector = {"prompt": prompt, "router": ctx.router_name, "leaf": leaf}
+    return path_nodes(spec, leaf, level, whole_path), selector
+
+
+def bank_reset(run_dir: str, leaf: int | None = None, prompt: str | None = None, level: int | None = None,
+               whole_path: bool = False, router: str | None = None) -> dict:
+    """Reset the blocks of a run's bank that leaf (or the prompt's leaf) names: a new generation of <run>/bank, the
+    checkpoint's step counts and state.json following it, and a line in <run>/edits.jsonl. Returns that line."""
+    from hiermem.locking import DirLock
+
+    run, cfg = _memory_run(run_dir)
+    with DirLock(run, "bank reset"):  # never while `hiermem train` writes the run (or another edit)
+        return _bank_reset(run, cfg, leaf, prompt, level, whole_path, router)
+
+
+def _bank_reset(run, cfg, leaf, prompt, level, whole_path, router) -> dict:
+    from hiermem.integrity import entry_of, write_sealed_json
+    from hiermem.memory.bank import MemoryBank
+    from hiermem.memory.edit import append_edit, block_summary, reset_blocks
+    from hiermem.memory.store import open_store
+    from hiermem.train.checkpoint import STATE_JSON, load_state
+    from hiermem.train.step import bank_optimizer
+
+    m, seed, ckpt = cfg.memory, cfg.train.seed, run / "checkpoint"
+    state = load_state(ckpt)
+    if open_store(run / "bank").generation < state["generation"]:  # a crash before the last publish: finish it
+        open_store(run / "bank", state["generation"], writable=True).publish()
+    bank = MemoryBank.load(run / "bank", mmap=m.mmap, generation=state["generation"], cache_bytes=m.cache_bytes)
+    nodes, selector = _bank_nodes(run, bank.spec, leaf, prompt, level, whole_path, router)
+    opt = bank_optimizer(bank, cfg)
+    old_steps = state["files"].get("bank_optimizer")
+    if old_steps:
+        opt.load(ckpt / old_steps)
+    before = [block_summary(bank, k, i, seed) for k, i in nodes]
+    reset_blocks(bank, nodes, seed, opt)
+    g = bank.commit()  # the reset blocks only, into their spare slots: generation `state` stays intact
+    files = dict(state["files"], bank_optimizer=f"bank-adam-{g:06d}.npz")
+    opt.save(ckpt / files["bank_optimizer"])
+    checksums = {**(state.get("checksums") or {}), "bank_optimizer": entry_of(ckpt / files["bank_optimizer"])}
+    write_sealed_json(ckpt / STATE_JSON, {**state, "generation": g, "files": files, "checksums": checksums})  # commit
+    bank.publish()
+    if old_steps and old_steps != files["bank_optimizer"]:
+        (ckpt / old_steps).unlink(missing_ok=True)
+    return append_edit(run, {"action": "reset", **selector, "level": level, "path": whole_path, "generation": g,
+                             "blocks": [{"part": b["part"], "node": b["node"], "norm_before": b["norm"]}
+                                        for b in before]})
+
+
+def bank_show(run_dir: str, leaf: int | None = None, prompt: str | None = None, level: int | None = None,
+              router: str | None = None) -> dict:
+    """The blocks on the leaf's path (or the node at `level`): weight norm, distance from the initial values, and
+    how many training documents route there (None when the run's data directory cannot say)."""
+    import numpy as np
+
+    from hiermem.data.prepare import DataDir
+    from hiermem.memory.bank import MemoryBank
+    from hiermem.memory.edit import block_summary
+    from hiermem.routing.clustering import load_clustering
+    from hiermem.routing.tree import Tree
+    from hiermem.train.checkpoint import load_state
+
+    run, cfg = _memory_run(run_dir)
+    state = load_state(run / "checkpoint")
+    bank = MemoryBank.load(run / "bank", mmap=True, generation=state["generation"], writable=False)
+    nodes, selector = _bank_nodes(run, bank.spec, leaf, prompt, level, level is None, router)
+    paths, note = None, None
+    try:
+        data = DataDir(cfg.data_dir)
+        c = load_clustering(data, cfg, required=True)
+        if c.tree.fingerprint() != Tree.load(run / "tree.npz").fingerprint():
+            raise HiermemError(f"{data.path}/cluster: tree differs from the run's tree.npz")
+        paths = np.asarray(c.doc_paths)[~data.is_val()]
+    except HiermemError as e:
+        note = str(e)
+    blocks = [{**block_summary(bank, k, i, cfg.train.seed),
+               "train_docs": None if paths is None else int((paths[:, int(k[5:])] == i).sum())} for k, i in nodes]
+    return {"run": str(run), "generation": state["generation"], **selector, "blocks": blocks, "note": note}
+
+
+def cmd_verify(args) -> int:
+    from hiermem.verify import format_report, verify
+
+    report = verify(args.path)
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    return 1 if report.problems else 0
+
+
+def cmd_bank(args) -> None:
+    if args.bank_command == "reset":
+        entry = bank_reset(args.run, args.leaf, args.prompt, args.level, args.path, args.router)
+        names = ", ".join(f"{b['part']} node {b['node']}" for b in entry["blocks"])
+        print(f"reset {names} of {args.run} (leaf {entry['leaf']}); bank generation {entry['generation']}, "
+              f"logged in {args.run}/edits.jsonl")
+        return
+    report = bank_show(args.run, args.leaf, args.prompt, args.level, args.router)
+    print(f"{report['run']}: bank generation {report['generation']}, leaf {report['leaf']}"
+          + (f" (routed by {report['router']})" if "router" in report else ""))
+    print(f"{'part':<8}{'node':>7}{'norm':>12}{'from init':>12}{'train docs':>12}")
+    for b in report["blocks"]:
+        docs = "-" if b["train_docs"] is None else b["train_docs"]
+        print(f"{b['part']:<8}{b['node']:>7}{b['norm']:>12.4f}{b['from_init']:>12.4f}{docs:>12}")
+    if report["note"]:
+        print(f"(training documents unknown: {report['note']})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--quiet", action="store_true")
+    _rag_flag(p, "each probe prompt (perplexity stays without RAG)")
     p.set_defaults(func=cmd_eval)
 
     p = _run_parser(sub, "generate", "generate text from a run directory")
@@ -226,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    _rag_flag(p, "each prompt")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a run's anchor as a transformers model (+ tokenizer, bank, tree)",
@@ -273,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "default (2 epochs, about 6-7 minutes on 2 cores); demo-full (3 epochs + the anchor_staged "
                         "control); demo-quick; demo-gpu / demo-160m: shapes for one GPU")
     p.add_argument("--out", default=None, help="output folder (default runs/demo, else runs/<preset>)")
+    p.add_argument("--ablation", default=None, metavar="NAME",
+                   choices=("kind", "anchor", "ranks", "depth", "generic_prob", "placement", "common_text"),
+                   help="after the demo, train and compare variants of its memory run: kind (memory type at equal "
+                        "fetched parameters), anchor (frozen vs co-trained), ranks (rank per level), depth, "
+                        "generic_prob, placement (layers holding memory), common_text (settings against held-out "
+                        "text); output in <out>/ablations/NAME")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes")
     p.add_argument("overrides", nargs="*", help="dot-list overrides for every run, e.g. routing.encoder=wordllama")
     p.add_argument("--quiet", action="store_true")
@@ -296,7 +455,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-mb", type=float, default=None, help="data: MB of text of the 1x corpus (2x, 4x follow)")
     p.add_argument("--encoder", choices=C.choices("routing.encoder"), default=None,
                    help="data: the encoder cluster runs (default wordllama)")
+    p.add_argument("--trials", type=int, default=None, help="chaos: killed runs per mode (default 6; --quick 2)")
+    p.add_argument("--seed", type=int, default=None, help="chaos: seed of the kill times and crash points")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bank", help="inspect or edit a trained run's memory bank, block by block")
+    bank_sub = p.add_subparsers(dest="bank_command", required=True)
+    for name, help in (("show", "weight norm, distance from init and training documents of the blocks on a "
+                        "leaf's path (or at --level)"),
+                       ("reset", "reset a leaf's block (or --level L's node, or --path: every block on its path) "
+                        "to its initial values, with fresh optimizer state; logged in <run>/edits.jsonl")):
+        q = bank_sub.add_parser(name, help=help, description=help)
+        q.add_argument("run", help="run directory")
+        which = q.add_mutually_exclusive_group(required=True)
+        which.add_argument("--leaf", type=int, help="leaf id (0 .. branching**depth - 1)")
+        which.add_argument("--prompt", help="route this text with the run's router and take the leaf it reaches")
+        q.add_argument("--level", type=int, default=None, help="the path's node at this tree level (0 = level 1)")
+        if name == "reset":
+            q.add_argument("--path", action="store_true", help="every block on the path")
+        q.add_argument("--router", choices=C.choices("routing.router"), default=None,
+                       help="router for --prompt (default: the run's)")
+        q.set_defaults(func=cmd_bank)
+
+    p = sub.add_parser("verify", help="check every file of a run or data directory in full (exit 1 on damage); "
+                       "for a run, print the digest of its final weights")
+    p.add_argument("path", help="run directory or data directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_verify)
     return ap
 
 
@@ -308,18 +493,20 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     unknown = [x for x in extra if x.startswith("-") or not hasattr(args, "overrides")]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser.error(f"unrecognized arguments: {C.printable(' '.join(unknown))}")
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
-        args.func(args)
+        code = args.func(args)  # hiermem verify returns 1 when it found damage; the others return nothing
     except HiermemError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one line even when the message quotes a path or id holding a line break; a clean stop
+        # (train/stop.py) has no "error: " prefix
+        print(f"{getattr(e, 'prefix', 'error: ')}{C.printable(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -72,6 +73,12 @@ class MemoryConfig:
     ranks: List[int] = setting([], "memory rank per tree level, root level first; [] = no memory")
     layers: Optional[List[int]] = setting(None, "[start, end) of the model layers holding memory; null = all")
     init_std: Optional[float] = setting(None, "std of the memories' truncated-normal init; null = 1/sqrt(d_model)")
+    kind: str = setting("ffn", "memory type: ffn (extra SwiGLU neurons), lora_qk / lora_vo / lora_ffn (LoRA "
+                        "patches W + (lora_alpha/R)·B·A of q,k / v,o / gate,up,down), kv (learned key and value "
+                        "slots that the queries attend to without mask or positions, added to the heads' output "
+                        "before o_proj)", choices=("ffn", "lora_qk", "lora_vo", "lora_ffn", "kv"))
+    lora_alpha: float = setting(2.0, "LoRA scaling numerator (memory.kind=lora_*): a patch adds (lora_alpha/R)·B·A "
+                                "with R a sequence's whole fetched rank, all levels, as peft scales by alpha/r")
     generic: bool = setting(True, "also train a generic (never retrieved) block of one path's size, the control")
     generic_prob: Optional[float] = setting(None, "chance of the generic block instead of the routed path; "
                                             "null = 1/(branching+1)")
@@ -115,6 +122,9 @@ class RoutingConfig:
                           "of the nearest documents)", choices=("centroid", "knn"), inference=True)
     knn_k: int = setting(10, "neighbours the knn router votes over", min=1, inference=True)
     seed: int = setting(0, "k-means seed")
+    tree_from: str = setting("", "reuse this tree instead of fitting one: a run directory (its tree.npz) or a "
+                             "data directory (its cluster/tree.npz); `hiermem cluster` then only embeds and "
+                             "routes the documents into it (adding them to that run's memories)")
 
 
 @dataclass
@@ -128,6 +138,9 @@ class DataConfig:
     seed: int = setting(0, "seed of the held-out split")
     packing: str = setting("auto", "leaf: each sequence from one leaf; flat: any documents; auto: leaf iff the run "
                            "has memory", choices=("auto", "leaf", "flat"))
+    packing_algo: str = setting("concat", "concat: documents back to back, cut every row (a document may span "
+                                "rows); best_fit: a document that fits in a row is never split, pieces placed "
+                                "best-fit-decreasing, the rest of a row padded", choices=("concat", "best_fit"))
     workers: int = setting(1, "tokenizer processes of `hiermem prepare`; 1 = tokenise in the main process", min=1)
     tokenizer_sample_bytes: int = setting(1_000_000_000, "the tokenizer trains on the training documents in "
                                           "corpus order until this many bytes of text (UTF-8)", min=1)
@@ -139,6 +152,8 @@ class TrainConfig:
                         "memories learn; scratch: both from random init",
                         choices=("anchor", "frozen", "cotrain", "scratch"))
     init_from: str = setting("", "run directory whose anchor (and bank, if any) starts this run")
+    init_optimizer: bool = setting(False, "also start from init_from's anchor AdamW moments (its final "
+                                   "checkpoint): a run continuing another's schedule (train.lr_span)")
     run_dir: str = setting("", "output run directory; '' = runs/<name>")
     batch_size: int = setting(16, "sequences per micro-batch", min=1)
     grad_accum: int = setting(1, "micro-batches per optimizer step", min=1)
@@ -146,6 +161,8 @@ class TrainConfig:
     epochs: float = setting(1.0, "passes over the training sequences (when max_steps is 0)")
     lr: float = setting(2e-3, "peak learning rate of the anchor (AdamW, cosine schedule)")
     lr_min: float = setting(2e-4, "anchor learning rate at the end of the cosine schedule")
+    lr_span: List[float] = setting([0.0, 1.0], "fraction [a, b] of one warmup-cosine schedule this run covers "
+                                   "(e.g. [0, 0.5] then [0.5, 1]: a run continued by an init_from run)")
     warmup_steps: int = setting(20, "anchor learning-rate warmup steps", min=0)
     weight_decay: float = setting(0.1, "AdamW weight decay of the anchor")
     beta1: float = setting(0.9, "AdamW beta1")
@@ -167,6 +184,11 @@ class TrainConfig:
     data_shards: int = setting(0, "memory runs: 0 = one data shard per process; N on one process trains on the "
                                "union of the batches N processes would see (a reference for a multi-process run)",
                                min=0)
+    stop_timeout_s: int = setting(60, "seconds the checkpoint after SIGINT/SIGTERM may take before training exits "
+                                  "without it (the previous checkpoint stays valid)", min=1)
+    nonfinite: str = setting("stop", "a NaN/Inf loss or gradient norm: stop (error, no checkpoint after it) | skip "
+                             "(that step's update is masked and counted in metrics.jsonl skipped_steps)",
+                             choices=("stop", "skip"))
 
 
 @dataclass
@@ -304,10 +326,27 @@ def _get(cfg: Config, dotted: str):
     return obj
 
 
+def _check_plain(key: str, value) -> None:
+    """What OmegaConf lets through a typed field and that would fail far from the config: a list item that is
+    itself a container, a non-finite float, an int beyond 64 bits (numpy, torch), a NUL in a string (a path)."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, (list, dict)):
+                raise HiermemError(f"config: {key}[{i}] must be a single value, not a {type(item).__name__}")
+            _check_plain(f"{key}[{i}]", item)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise HiermemError(f"config: {key} must be a finite number (got {value})")
+    elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise HiermemError(f"config: {key} does not fit in 64 bits (got {value:.3e})")
+    elif isinstance(value, str) and "\0" in value:
+        raise HiermemError(f"config: {key} contains a NUL character")
+
+
 def validate(cfg: Config) -> Config:
     """The declared per-field rules, then the checks that relate fields; each message names the field.
     What a training run needs besides (train.init_from for frozen and cotrain) is check_training's."""
     for key in fields():
+        _check_plain(key, _get(cfg, key))
         check_value(key, _get(cfg, key))
     m, r, t = cfg.model, cfg.routing, cfg.train
     if m.head_dim % 2:
@@ -330,6 +369,11 @@ def validate(cfg: Config) -> Config:
                 f"(got {list(mem.layers)})")
     if mem.generic_prob is not None and not 0.0 <= mem.generic_prob < 1.0:
         raise HiermemError(f"config: memory.generic_prob must be in [0, 1) (got {mem.generic_prob})")
+    span = cfg.train.lr_span
+    if len(span) != 2 or not 0 <= span[0] < span[1] <= 1:
+        raise HiermemError(f"config: train.lr_span must be [a, b] with 0 <= a < b <= 1 (got {list(span)})")
+    if not mem.lora_alpha > 0:
+        raise HiermemError(f"config: memory.lora_alpha must be > 0 (got {mem.lora_alpha})")
     if t.mode != "anchor" and not any(x > 0 for x in mem.ranks):
         raise HiermemError(f"config: train.mode={t.mode} needs memory.ranks with a non-zero level")
     if cfg.data.packing == "flat" and t.mode != "anchor":
@@ -341,6 +385,9 @@ def check_training(cfg: Config) -> None:
     """What a training run needs beyond a valid config (called by the Trainer, so that `hiermem params` and
     `hiermem prepare` take a cotrain preset that names no anchor yet)."""
     t = cfg.train
+    if cfg.memory.kind != "ffn" and (cfg.model.hf or t.compile):  # both add ffn memory only
+        raise HiermemError(f"config: {'model.hf' if cfg.model.hf else 'train.compile'} supports memory.kind=ffn "
+                           f"only (got {cfg.memory.kind})")
     if cfg.model.hf:  # post-hoc memories: the checkpoint is the anchor
         if t.mode not in ("frozen", "cotrain"):
             raise HiermemError(f"config: model.hf trains memories on the checkpoint: train.mode frozen or cotrain, "
@@ -369,10 +416,15 @@ def check_run_overrides(overrides: list[str] | tuple[str, ...]) -> None:
         # an unknown key: read_config names it against the dataclasses
 
 
+def printable(text: str) -> str:
+    """Line breaks and other control characters escaped (\\r, \\x1c): a key may hold them, a message may not."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _one_line(err: OmegaConfBaseException) -> str:
-    msg = str(err).splitlines()[0]
+    msg = str(err).split("\n")[0]  # OmegaConf's message, then its context lines
     key = getattr(err, "full_key", None)
-    return f"{key}: {msg}" if key and key not in msg else msg
+    return printable(f"{key}: {msg}" if key and key not in msg else msg)
 
 
 def preset_path(name_or_path: str, folder: Path = PRESET_DIR, what: str = "config") -> Path:
@@ -395,6 +447,8 @@ def read_yaml_mapping(path: Path) -> dict:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise HiermemError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise HiermemError(f"{path}: invalid YAML (nested too deeply)") from None
     if not isinstance(loaded, dict):
         raise HiermemError(f"{path}: expected a mapping at the top level")
     return loaded
@@ -417,12 +471,32 @@ def _merge(base: dict, overrides: list[str] | tuple[str, ...], source: str) -> C
         merged = OmegaConf.merge(OmegaConf.structured(Config), base)
     except OmegaConfBaseException as e:
         raise HiermemError(f"config ({source}): {_one_line(e)}") from None
+    except TypeError as e:  # OmegaConf's own: e.g. a mapping merged into a list field
+        raise HiermemError(f"config ({source}): {str(e).splitlines()[0]}") from None
     try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(merged, _dotlist(overrides))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise HiermemError(f"config (command line): {_one_line(e)}") from None
+    except TypeError as e:
+        raise HiermemError(f"config (command line): {str(e).splitlines()[0]}") from None
     return validate(cfg)
+
+
+def _dotlist(overrides: list[str] | tuple[str, ...]):
+    """OmegaConf.from_dotlist, whose values are YAML: a value YAML cannot parse is named with its override."""
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except (yaml.YAMLError, RecursionError):
+        for item in overrides:
+            key = printable(item.split("=", 1)[0])
+            try:
+                OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as e:
+                raise HiermemError(f"override {key}: invalid value ({str(e).splitlines()[0]})") from None
+            except RecursionError:
+                raise HiermemError(f"override {key}: invalid value (nested too deeply)") from None
+        raise
 
 
 def to_dict(cfg: Config) -> dict:
@@ -431,6 +505,11 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(d: dict, source: str = "config") -> Config:
     return _merge(d, (), source)
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], source: str = "config") -> Config:
+    """A copy of cfg with dot-list overrides applied, validated (errors name `source` and the key)."""
+    return _merge(to_dict(cfg), overrides, source)
 
 
 def dump_config(cfg: Config) -> str:
@@ -464,7 +543,8 @@ def resolve_paths(cfg: Config) -> Config:
     out = from_dict(to_dict(cfg))
     out.data.dir = str(cfg.data_dir.resolve())
     out.train.run_dir = str(cfg.run_dir.resolve())
-    for section, key in (("data", "corpus"), ("data", "tokenizer"), ("train", "init_from"), ("model", "hf")):
+    for section, key in (("data", "corpus"), ("data", "tokenizer"), ("train", "init_from"), ("model", "hf"),
+                         ("routing", "tree_from")):
         value = getattr(getattr(cfg, section), key)
         if value:
             setattr(getattr(out, section), key, str(Path(value).resolve()))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-# name -> "module" (its run()) or "module:function"; a later chaos suite joins here
+# name -> "module" (its run()) or "module:function"
 SUITES = {
     "train": "hiermem.bench.train_throughput",  # the trainer's step: anchor vs anchor + memory
     "data": "hiermem.bench.data_scale",  # prepare + cluster throughput and peak memory at 1x, 2x, 4x corpus
@@ -15,6 +15,8 @@ SUITES = {
     "distributed": "hiermem.bench.distributed",  # 1 vs 2 processes; bytes all-reduced per step
     "decode": "hiermem.bench.decode",  # generation with and without the KV cache and memory
     "serve": "hiermem.bench.serve_load",  # concurrent OpenAI clients against hiermem serve
+    "chaos": "hiermem.bench.chaos",  # training SIGKILLed at random instants, resumed: bitwise the uninterrupted run
+    "fuzz": "hiermem.bench.fuzz",  # tests/test_fuzz.py's properties with 20x the examples; inputs and failures
 }
 
 

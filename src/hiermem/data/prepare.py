@@ -29,6 +29,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -37,12 +38,15 @@ import numpy as np
 from hiermem.config import Config, diff_fields
 from hiermem.data.npyfile import CannotResume, NpyAppender
 from hiermem.data.packing import DocTokens, PackedDataset, pack_sequences, token_dtype
-from hiermem.data.readers import Document, Shard, decode_raw, iter_records, list_shards
+from hiermem.data.readers import Document, Shard, decode_raw, iter_records, list_shards, quote_id
 from hiermem.data.shards import DocIndex, IndexWriter, LegacyDocs, find_duplicate, shard_stat, write_shard_list
 from hiermem.data.tokenize_workers import Encoder
 from hiermem.data.tokenizer import Tokenizer, train_tokenizer
 from hiermem.errors import HiermemError
+from hiermem.integrity import (CHECKSUMS, SEAL, check_file, check_files, read_json, record, unseal,
+                               write_sealed_json)
 from hiermem.io_utils import atomic_write_json
+from hiermem.locking import DirLock
 
 WORK = ".prepare"  # resume state of an unfinished prepare; removed when the folder is complete
 PROGRESS_VERSION = 1
@@ -102,7 +106,9 @@ class DataDir:
         meta = self.path / "prepare.json"
         if not meta.is_file():
             raise HiermemError(f"{self.path}: not a prepared data directory (run `hiermem prepare` first)")
-        self.meta = json.loads(meta.read_text())
+        raw = read_json(meta, "data directory metadata", check_seal=False)
+        # sealed since format 2 (a folder of hiermem 0.1.0 has no "format"): a damaged one is refused
+        self.meta = unseal(meta, raw) if "format" in raw else {k: v for k, v in raw.items() if k != SEAL}
         self._docs_cache = None
 
     def check(self, cfg: Config) -> None:
@@ -121,9 +127,13 @@ class DataDir:
         return Tokenizer.load(self.path / "tokenizer.json")
 
     def doc_tokens(self) -> DocTokens:
-        return DocTokens(self.path / "doc_tokens")
+        folder = self.path / "doc_tokens"  # offsets are read whole: in full; tokens: size (in full by _pack)
+        check_files([folder / "offsets.npy", folder / "meta.json"], "token store", full=True)
+        check_files([folder / "tokens.npy"], "token store", full=False)
+        return DocTokens(folder)
 
     def is_val(self) -> np.ndarray:
+        check_file(self.path / "split.npy", "train/val split")  # read whole: checked in full
         return np.load(self.path / "split.npy")
 
     @property
@@ -171,25 +181,44 @@ class DataDir:
         return int(self.meta["n_docs"])
 
     def packed(self, split: str, seq_len: int, doc_paths: np.ndarray | None = None,
-               tree_id: str = "flat") -> PackedDataset:
-        """A split's packed sequences, cached under packed/ by (split, seq_len, tree). With doc_paths (every
-        document's root-to-leaf path) documents are packed per leaf, one path per sequence (the paper's
-        App. A.2); without, in corpus order."""
-        out = self.packed_path(split, seq_len, tree_id)
+               tree_id: str = "flat", algo: str = "concat") -> PackedDataset:
+        """A split's packed sequences, cached under packed/ by (split, seq_len, tree, packing algo). With
+        doc_paths (every document's root-to-leaf path) documents are packed per leaf, one path per sequence
+        (the paper's App. A.2); without, in corpus order. algo: data.packing_algo (packing.pack_sequences)."""
+        out = self.packed_path(split, seq_len, tree_id, algo)
         out.parent.mkdir(parents=True, exist_ok=True)
         # several trainings may start at once on one data dir (the demo's parallel jobs): one packs, the
         # others wait on the lock and then reuse its output
         with open(out.parent / f".{out.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if (out / "meta.json").is_file():
+                self._packed_ok(out)  # a damaged cache is removed here, and packed again
             if not (out / "meta.json").is_file():
-                self._pack(split, seq_len, doc_paths, out)
+                self._pack(split, seq_len, doc_paths, out, algo)
+                record(*(p for p in sorted(out.iterdir()) if p.is_file()))  # out/.checksums.json
         return PackedDataset(out)
 
-    def packed_path(self, split: str, seq_len: int, tree_id: str = "flat") -> Path:
-        key = hashlib.sha256(f"{split}:{seq_len}:{tree_id}".encode()).hexdigest()[:12]
+    @staticmethod
+    def _packed_ok(out: Path) -> bool:
+        """A packed cache whose files match their checksums (in full up to FULL_CHECK_BYTES, else sizes) and
+        open; a damaged one (or one without checksums) is removed, with a warning, to be packed again."""
+        try:
+            files = [out / name for name in sorted(read_json(out / CHECKSUMS, "checksum list").get("files", {}))]
+            check_files(files, "packed data")
+            PackedDataset(out)
+            return True
+        except HiermemError as e:
+            print(f"warning: {e}; packing it again", file=sys.stderr)
+            shutil.rmtree(out, ignore_errors=True)
+            return False
+
+    def packed_path(self, split: str, seq_len: int, tree_id: str = "flat", algo: str = "concat") -> Path:
+        # concat keeps the key it had before packing algos existed, so its caches stay valid
+        suffix = "" if algo == "concat" else f":{algo}"
+        key = hashlib.sha256(f"{split}:{seq_len}:{tree_id}{suffix}".encode()).hexdigest()[:12]
         return self.path / "packed" / f"{split}-{key}"
 
-    def _pack(self, split: str, seq_len: int, doc_paths: np.ndarray | None, out: Path) -> None:
+    def _pack(self, split: str, seq_len: int, doc_paths: np.ndarray | None, out: Path, algo: str) -> None:
         is_val = self.is_val()
         doc_index = np.flatnonzero(is_val if split == "val" else ~is_val)
         if len(doc_index) == 0:
@@ -200,8 +229,10 @@ class DataDir:
             groups = doc_paths[doc_index, -1]
             paths = {int(l): tuple(int(x) for x in doc_paths[i]) for i, l in zip(doc_index, groups)}
             depth = doc_paths.shape[1]
-        pack_sequences(self.doc_tokens(), doc_index, seq_len, self.tokenizer().eos_id, out,
-                       group_of_doc=groups, path_of_group=paths, depth=depth)
+        store = self.doc_tokens()
+        check_files([self.path / "doc_tokens" / n for n in ("tokens.npy", "offsets.npy")], "token store", full=True)
+        pack_sequences(store, doc_index, seq_len, self.tokenizer().eos_id, out,
+                       group_of_doc=groups, path_of_group=paths, depth=depth, algo=algo)
 
 
 # --- prepare -------------------------------------------------------------------------------------------
@@ -222,8 +253,7 @@ def prepare(cfg: Config, force: bool = False) -> DataDir:
     shards = list_shards(cfg.data.corpus)  # a missing or unsupported corpus is refused before anything is written
     user_tok = Tokenizer.load(cfg.data.tokenizer) if cfg.data.tokenizer else None  # before cleaning: it may be ours
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".prepare.lock", "w") as lock:  # one prepare at a time per folder (the others then reuse it)
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with DirLock(out, "prepare"):  # one writer per folder: a second prepare is refused, naming the first
         if (out / "prepare.json").is_file() and not force:
             existing = DataDir(out)
             existing.check(cfg)
@@ -319,7 +349,7 @@ class _Build:
         if self.state is None:
             for name in ("index", "doc_tokens", "packed", WORK):
                 shutil.rmtree(out / name, ignore_errors=True)
-            for name in ("split.npy", "tokenizer.json", "documents.jsonl"):
+            for name in ("split.npy", "tokenizer.json", "documents.jsonl", CHECKSUMS):
                 (out / name).unlink(missing_ok=True)
             self.state = self._fresh()
         self.work.mkdir(parents=True, exist_ok=True)
@@ -331,12 +361,21 @@ class _Build:
         tok = self._tokenizer(index)
         n_tokens, dtype = self._tokenize(index, tok)
         st = self.state
-        atomic_write_json(out / "prepare.json", {
+        self._record_checksums()
+        write_sealed_json(out / "prepare.json", {
             "key": _prepare_key(self.cfg), "n_docs": n, "n_val": n_val, "n_tokens": n_tokens,
             "tokenizer_fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size, "format": 2,
             "eos_token": tok.eos_token,
             "n_shards": len(self.shards), "tokenizer_sample": st["sample"]})
         shutil.rmtree(self.work, ignore_errors=True)
+
+    def _record_checksums(self) -> None:
+        """The outputs' sizes and crc32s, in a .checksums.json per folder (hiermem/integrity.py), read back
+        once here, when they are complete: what the loaders and hiermem verify check them against."""
+        out = self.out
+        record(*(out / n for n in ("split.npy", "tokenizer.json", "tokenizer_config.json") if (out / n).is_file()))
+        record(*(out / "doc_tokens" / n for n in ("tokens.npy", "offsets.npy", "meta.json")))
+        record(*(p for p in sorted(self.index_dir.glob("*.npy"))))
 
     def _index(self) -> int:
         st = self.state
@@ -372,7 +411,7 @@ class _Build:
                 return f"{shard.path}:{'row ' if shard.fmt == 'parquet' else ''}{int(lines[i])}"
 
             first, repeat = found
-            raise HiermemError(f'{loc(repeat)}: duplicate id "{index.id_at(repeat)}" (first seen at {loc(first)})')
+            raise HiermemError(f"{loc(repeat)}: duplicate id {quote_id(index.id_at(repeat))} (first seen at {loc(first)})")
         self.state["checked"] = True
         self._save()
 

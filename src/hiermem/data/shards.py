@@ -34,7 +34,7 @@ import numpy as np
 from hiermem.data.npyfile import NpyAppender
 from hiermem.data.readers import Record, Shard, decode_raw, read_raw
 from hiermem.errors import HiermemError
-from hiermem.io_utils import atomic_write_json
+from hiermem.integrity import check_files, read_json, write_sealed_json
 
 DUP_CHUNK = 1 << 20  # entries of a duplicate-check bucket read at once
 MAX_BUCKETS = 256  # open bucket files while splitting the digests
@@ -133,7 +133,7 @@ def write_shard_list(index_dir: Path, shards: Sequence[Shard], stats: Sequence[d
     first = np.concatenate([[0], np.cumsum(counts)]).tolist()
     rows = [{**st, "fmt": sh.fmt, "name": sh.name, "first": int(first[i]), "n_docs": int(counts[i])}
             for i, (sh, st) in enumerate(zip(shards, stats))]
-    atomic_write_json(index_dir / "shards.json", {"shards": rows})
+    write_sealed_json(index_dir / "shards.json", {"shards": rows})
 
 
 # --- duplicate ids --------------------------------------------------------------------------------------
@@ -233,7 +233,14 @@ class DocIndex:
 
     def __init__(self, folder: str | Path):
         self.dir = Path(folder)
-        self.shards = json.loads((self.dir / "shards.json").read_text(encoding="utf-8"))["shards"]
+        try:
+            self.shards = read_json(self.dir / "shards.json", "document index")["shards"]
+        except (KeyError, TypeError):
+            raise HiermemError(f"{self.dir / 'shards.json'}: corrupted document index (no shards)") from None
+        # against index/checksums.json (written when prepare finished): in full for an index up to
+        # FULL_CHECK_BYTES, else sizes only (hiermem verify checks the rest)
+        check_files([self.dir / f"{n}.npy" for n in ("shard", "offset", "length", "ids", "id_offsets")],
+                    "document index")
         self.shard = np.load(self.dir / "shard.npy", mmap_mode="r")
         self.offset = np.load(self.dir / "offset.npy", mmap_mode="r")
         self.length = np.load(self.dir / "length.npy", mmap_mode="r")

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from hiermem.errors import HiermemError
+from hiermem.integrity import check_file
 from hiermem.io_utils import atomic_write_text
 
 EOS = "<|endoftext|>"
@@ -104,6 +105,9 @@ class Tokenizer:
             raise HiermemError(f"{path}: no such file or directory") from None
         except (OSError, UnicodeDecodeError) as e:
             raise HiermemError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        check_file(path, "tokenizer")  # against the checksums.json beside it, where hiermem wrote one
+        if (path.parent / CONFIG).is_file():
+            check_file(path.parent / CONFIG, "tokenizer config")
         try:
             hf = _HFTokenizer.from_str(text)
         except Exception as e:  # tokenizers raises plain Exception on bad JSON / schema

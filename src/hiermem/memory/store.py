@@ -32,6 +32,7 @@ read-only; saving such a bank writes a format-3 store beside the old files, whic
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -43,7 +44,8 @@ from typing import Any
 import numpy as np
 
 from hiermem.errors import HiermemError, check_format_version
-from hiermem.io_utils import atomic_path, atomic_write_json
+from hiermem.integrity import SEAL, unseal, write_sealed_json
+from hiermem.io_utils import atomic_path
 from hiermem.memory.files import crc32, open_npy, pwrite_all, read_checked
 from hiermem.memory.precision import itemsize, storage_dtype
 from hiermem.memory.spec import GENERIC, BankSpec
@@ -58,7 +60,7 @@ PAGE = 4096
 class Layout:
     """Where a part's blocks are: n records of record_bytes, weight_bytes of weights then state_bytes of m, v."""
 
-    shape: tuple[int, ...]  # the part's shape [n_blocks, n_mem_layers, 3, r, d]
+    shape: tuple[int, ...]  # the part's shape [n_blocks, n_mem_layers, S, r, d]
     weight_bytes: int
     state_bytes: int
     record_bytes: int
@@ -92,7 +94,8 @@ def _read_manifest(path: Path) -> tuple[dict, int, BankSpec]:
     if not path.is_file():
         raise HiermemError(f"{path}: missing ({path.parent} is not a saved memory bank)")
     try:
-        man = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        man = {k: v for k, v in raw.items() if k != SEAL}  # its seal is checked once the store opened (open_store)
         version = check_format(path, man)
         spec = BankSpec.from_dict(man["spec"])
         parts = man["parts"]
@@ -105,19 +108,34 @@ def _read_manifest(path: Path) -> tuple[dict, int, BankSpec]:
         shape = tuple(parts[key]["shape"])
         if shape != spec.part_shape(key):
             raise HiermemError(f"{path}: {key} has shape {shape}, its spec needs {spec.part_shape(key)}")
-    return man, version, spec
+    return man, version, spec, raw
 
 
 def open_store(dir: str | Path, generation: int | None = None, writable: bool = False) -> "BlockStore | LegacyStore":
     """The bank in dir at its published generation (manifest.json) or at `generation` (gen-<g>.json)."""
     dir = Path(dir)
     path = dir / (MANIFEST if generation is None else gen_name(generation))
-    man, version, spec = _read_manifest(path)
+    man, version, spec, raw = _read_manifest(path)
     if version < 3:
         if generation is not None:
             raise HiermemError(f"{path}: a format-{version} bank has no generations")
-        return LegacyStore(dir, path, man, spec)
-    return BlockStore(dir, path, man, spec, writable)
+        store = LegacyStore(dir, path, man, spec)
+    else:
+        store = BlockStore(dir, path, man, spec, writable)
+    unseal(path, raw)  # last: a manifest edited by hand is refused by the check that names what is wrong
+    return store
+
+
+@contextlib.contextmanager
+def naming(file: str | Path):
+    """An OSError raised inside names `file` (os.pwrite, os.fsync and writes to an open file name none), so that a
+    full disk is reported with the file it hit."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(file)) from e
 
 
 def gen_name(generation: int) -> str:
@@ -156,7 +174,10 @@ class _Reader:
         for i in np.asarray(ids).tolist():
             fd, offset, file = self._where(key, i)
             buf = np.empty(nbytes, np.uint8)
-            crcs = read_checked(fd, buf, offset, spans)
+            try:
+                crcs = read_checked(fd, buf, offset, spans)
+            except OSError as e:  # a truncated slot file ends before the record
+                raise HiermemError(f"{file}: cannot read {block_name(key, i)} ({e})") from None
             if check:
                 if crcs[0] != self.crc_w[key][i]:
                     raise HiermemError(f"{file}: {block_name(key, i)} is corrupted (checksum mismatch)")
@@ -255,6 +276,9 @@ class BlockStore(_Reader):
                 file = self.dir / f"{key}.{s}.bin"
                 if not file.is_file():
                     raise HiermemError(f"{file}: missing ({path})")
+                size, want = file.stat().st_size, lay.n_blocks * lay.record_bytes
+                if size != want:  # cheap at open; each record's crc32 is checked when it is read
+                    raise HiermemError(f"{file}: corrupted slot file ({size} bytes, {want} expected: truncated?)")
                 self._fds[(key, s)] = _open_fd(self, file, flags)
         self._written: set[int] = set()  # fds written since the last commit, fsynced by the next
         self._pending = {k: np.zeros(lay.n_blocks, bool) for k, lay in self.layouts.items()}  # written since
@@ -324,7 +348,8 @@ class BlockStore(_Reader):
             raise ValueError(f"BlockStore.write: {key} record of {len(record)} bytes, expected {wb + lay.state_bytes}")
         target = 1 - int(self.committed[key][i])
         fd = self._fds[(key, target)]
-        pwrite_all(fd, record, i * lay.record_bytes)
+        with naming(self.dir / f"{key}.{target}.bin"):
+            pwrite_all(fd, record, i * lay.record_bytes)
         self.crc_w[key][i] = crc32(record[:wb])
         if not weights_only:
             self.crc_s[key][i] = crc32(record[wb:])
@@ -344,7 +369,8 @@ class BlockStore(_Reader):
         if generation <= self.generation:
             raise ValueError(f"commit: generation {generation} after generation {self.generation}")
         for fd in self._written:
-            os.fsync(fd)
+            with naming(next((self.dir / f"{k}.{s}.bin" for (k, s), f in self._fds.items() if f == fd), self.dir)):
+                os.fsync(fd)
         self._written.clear()
         writes = {k: np.array(w, np.int64) for k, w in writes.items()}
         if gather is not None:
@@ -368,10 +394,12 @@ class BlockStore(_Reader):
         np.savez(buf, **arrays)
         data = buf.getvalue()
         with atomic_path(self.dir / table_name(generation)) as tmp:
-            tmp.write_bytes(data)
+            with naming(self.dir / table_name(generation)):
+                tmp.write_bytes(data)
         man = dict(self._manifest, generation=generation,
                    table={"file": table_name(generation), "crc32": crc32(np.frombuffer(data, np.uint8))})
-        atomic_write_json(self.dir / gen_name(generation), man)
+        with naming(self.dir / gen_name(generation)):
+            write_sealed_json(self.dir / gen_name(generation), man)
         self._committed(man, generation)
 
     def _committed(self, man: dict, generation: int) -> None:
@@ -384,7 +412,7 @@ class BlockStore(_Reader):
         """manifest.json := the current generation; the tables and manifests of other generations are removed."""
         if self.generation < 0:
             raise ValueError("publish: nothing committed yet")
-        atomic_write_json(self.dir / MANIFEST, self._manifest)
+        write_sealed_json(self.dir / MANIFEST, self._manifest)
         keep = {gen_name(self.generation), table_name(self.generation)}
         for p in [*self.dir.glob("gen-*.json"), *self.dir.glob("table-*.npz"), *self._obsolete]:
             if p.name not in keep and p.parent == self.dir:

@@ -15,6 +15,9 @@ It streams, so its memory does not grow with the corpus (beyond DataDir.is_val's
   (routing.balance: a cluster may hold at most balance/branching of one k-means step's assignments) binds
   while fitting on the sample only; the final cluster sizes on the whole corpus, which the report shows,
   may exceed that cap;
+* with routing.tree_from (a run or a clustered data directory) no tree is fitted: the documents are routed
+  into that tree (`reused_tree`), so a run trained on them with train.init_from=<that run> adds to the
+  memories of the nodes they reach and leaves every other block as it was;
 * the agreement report's knn router votes among at most AGREEMENT_INDEX_DOCS documents of the fit sample
   (the queries' own documents among them), and the queries' texts are read with `texts_at`.
 """
@@ -22,15 +25,18 @@ It streams, so its memory does not grow with the corpus (beyond DataDir.is_val's
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from hiermem.config import Config, diff_fields
+from hiermem.config import Config, diff_fields, read_config
 from hiermem.errors import HiermemError
 from hiermem.data.prepare import DataDir
+from hiermem.integrity import check_file, crc32_bytes, entry_of, read_json
 from hiermem.io_utils import atomic_path, atomic_write_json
+from hiermem.locking import DirLock
 from hiermem.routing.embedders import embed_corpus, make_embedder
 from hiermem.routing.routers import make_router, routing_agreement
 from hiermem.routing.tree import Tree, cluster_sizes, fit_tree
@@ -67,14 +73,86 @@ def load_clustering(data: DataDir, cfg: Config, required: bool) -> Clustering | 
         if required:
             raise HiermemError(f"{data.path}: no tree yet (run `hiermem cluster` with this config first)")
         return None
-    meta = json.loads((folder / "cluster.json").read_text())
+    meta = read_clustering_report(folder / "cluster.json")
     diffs = diff_fields(meta["routing"], routing_key(cfg), "routing.")  # every key is a routing.* field
     if diffs:
         if required:
             raise HiermemError(f"{folder}: clustered with another routing config: {'; '.join(diffs)}")
         return None
-    tree = Tree.load(folder / "tree.npz")
+    files = meta.get("checksums", {}).get("files", {})
+    try:
+        check_file(folder / "tree.npz", "routing tree", entry=files.get("tree.npz"))
+        check_file(folder / "doc_paths.npy", "document paths", entry=files.get("doc_paths.npy"))  # read whole
+        emb = meta["embeddings"]  # read row by row (the knn router): its size here, in full by hiermem verify
+        check_file(data.path / emb, "embedding cache", full=False, entry=files.get(emb))
+        tree = Tree.load(folder / "tree.npz")
+    except HiermemError as e:
+        if required:
+            raise HiermemError(f"{e} (run `hiermem cluster` again)") from None
+        print(f"warning: {e}; clustering again", file=sys.stderr)
+        return None
     return Clustering(tree, np.load(folder / "doc_paths.npy"), data.path / meta["embeddings"], meta)
+
+
+def read_clustering_report(path: Path) -> dict:
+    """cluster.json, its report_crc32 (in "checksums", so the file is the report cluster() returns) checked."""
+    meta = read_json(path, "clustering report")
+    if not isinstance(meta, dict) or "routing" not in meta or "embeddings" not in meta:
+        raise HiermemError(f"{path}: corrupted clustering report (no routing or embeddings)")
+    checksums = meta.get("checksums")
+    want = checksums.get("report_crc32") if isinstance(checksums, dict) else None
+    if want is not None and want != _report_crc(meta):
+        raise HiermemError(f"{path}: corrupted clustering report (checksum mismatch)")
+    return meta
+
+
+def _report_crc(report: dict) -> int:
+    checksums = {k: v for k, v in report.get("checksums", {}).items() if k != "report_crc32"}
+    return crc32_bytes(json.dumps({**report, "checksums": checksums}, sort_keys=True).encode())
+
+
+def _previous_files(folder: Path) -> dict:
+    """The file checksums of the clustering being replaced (none if it is unreadable)."""
+    try:
+        return read_clustering_report(folder / "cluster.json").get("checksums", {}).get("files", {})
+    except (HiermemError, AttributeError):
+        return {}
+
+
+def _drop_damaged_cache(data: DataDir, previous: dict) -> None:
+    """An embedding cache that no longer matches the checksum the last clustering recorded is removed (with a
+    warning), so that embed_corpus builds it again rather than trusting it."""
+    for rel, entry in previous.items():
+        path = data.path / rel
+        if rel.startswith("embeddings/") and path.is_file():
+            try:
+                check_file(path, "embedding cache", entry=entry)
+            except HiermemError as e:
+                print(f"warning: {e}; embedding again", file=sys.stderr)
+                path.unlink()
+
+
+def reused_tree(cfg: Config) -> Tree:
+    """The tree routing.tree_from names (a run's tree.npz or a data directory's cluster/tree.npz), refused unless
+    it has the config's depth and branching and was made by the same encoder settings."""
+    src, r = Path(cfg.routing.tree_from), cfg.routing
+    if (src / "tree.npz").is_file() and (src / "config.yaml").is_file():  # a run directory
+        path, theirs = src / "tree.npz", routing_key(read_config(src / "config.yaml"))
+    elif (src / "cluster" / "cluster.json").is_file():  # a clustered data directory
+        path = src / "cluster" / "tree.npz"
+        theirs = json.loads((src / "cluster" / "cluster.json").read_text())["routing"]
+    else:
+        raise HiermemError(f"routing.tree_from: {src} holds no tree (neither a run's tree.npz nor a data "
+                           "directory's cluster/tree.npz)")
+    tree = Tree.load(path)
+    for name, have in (("depth", tree.depth), ("branching", tree.branching)):
+        if have != getattr(r, name):
+            raise HiermemError(f"{path}: a tree of {name} {have}, the config has routing.{name}={getattr(r, name)}")
+    ours = routing_key(cfg)
+    for key in ("encoder", "max_tokens", "long_docs"):  # what the centroids' embedding space depends on
+        if theirs.get(key) != ours[key]:
+            raise HiermemError(f"{path}: made with routing.{key}={theirs.get(key)!r}, the config has {ours[key]!r}")
+    return tree
 
 
 def embedder_for(cfg: Config):
@@ -142,18 +220,32 @@ def _agreement(cfg: Config, data: DataDir, embedder, tree: Tree, emb: np.ndarray
 
 
 def cluster(cfg: Config, data: DataDir, head_words: int = 8, progress: bool = True) -> dict:
+    with DirLock(data.path, "cluster"):  # one writer per data directory (prepare or cluster)
+        return _cluster(cfg, data, head_words, progress)
+
+
+def _cluster(cfg: Config, data: DataDir, head_words: int, progress: bool) -> dict:
     r = cfg.routing
     folder = data.path / "cluster"
+    previous = _previous_files(folder)
+    reused = reused_tree(cfg) if r.tree_from else None  # refused before anything is computed or removed
     # cluster.json is written last: without it, a half-replaced folder is never taken for a finished clustering
     (folder / "cluster.json").unlink(missing_ok=True)
     embedder = embedder_for(cfg)
+    _drop_damaged_cache(data, previous)
     emb_file = embed_corpus(embedder, data.iter_texts, data.n_docs, data.fingerprint(), data.path / "embeddings",
                             chunk=r.chunk_docs, progress=progress)
     emb = np.load(emb_file, mmap_mode="r")
     is_val = data.is_val()
-    fit_idx = fit_sample(is_val, r.fit_docs, r.seed, r.chunk_docs)
-    tree = fit_tree(emb[fit_idx], depth=r.depth, branching=r.branching, seed=r.seed, steps=r.kmeans_steps,
-                    sample=r.kmeans_sample, balance=r.balance, progress=progress)
+    fit_idx = fit_sample(is_val, r.fit_docs, r.seed, r.chunk_docs)  # with tree_from: the report's sample only
+    if reused is not None:
+        if reused.dim != emb.shape[1]:
+            raise HiermemError(f"routing.tree_from: {r.tree_from} has centroids of dimension {reused.dim}, the "
+                               f"encoder's embeddings have {emb.shape[1]}")
+        tree = reused
+    else:
+        tree = fit_tree(emb[fit_idx], depth=r.depth, branching=r.branching, seed=r.seed, steps=r.kmeans_steps,
+                        sample=r.kmeans_sample, balance=r.balance, progress=progress)
     folder.mkdir(parents=True, exist_ok=True)
     tree.save(folder / "tree.npz")
     sizes = route_all(tree, emb, is_val, folder / "doc_paths.npy", r.chunk_docs, progress)
@@ -162,8 +254,13 @@ def cluster(cfg: Config, data: DataDir, head_words: int = 8, progress: bool = Tr
     doc_paths = np.load(folder / "doc_paths.npy", mmap_mode="r")
     report = {"routing": routing_key(cfg), "tree_fingerprint": tree.fingerprint(), "encoder": embedder.name,
               "embeddings": str(emb_file.relative_to(data.path)), "n_docs": data.n_docs, "fit_docs": len(fit_idx),
+              "tree_from": r.tree_from or None,
               "sizes": size_report,
               "agreement": _agreement(cfg, data, embedder, tree, emb, doc_paths, fit_idx, head_words)}
+    files = {"tree.npz": entry_of(folder / "tree.npz"), "doc_paths.npy": entry_of(folder / "doc_paths.npy"),
+             report["embeddings"]: entry_of(emb_file)}  # what load_clustering and hiermem verify check
+    report["checksums"] = {"files": files}
+    report["checksums"]["report_crc32"] = _report_crc(report)
     atomic_write_json(folder / "cluster.json", report)
     return report
 
@@ -177,8 +274,10 @@ def ensure_clustered(cfg: Config, data: DataDir, progress: bool = True) -> Clust
 
 
 def format_report(report: dict) -> str:
-    lines = [f"tree fitted on {report['fit_docs']} training documents; the sizes count every training document "
-             "(routed after the fit, so a cluster may exceed the balance cap):",
+    fitted = (f"tree reused from {report['tree_from']}" if report.get("tree_from")
+              else f"tree fitted on {report['fit_docs']} training documents")
+    lines = [f"{fitted}; the sizes count every training document (routed after the fit, so a cluster may exceed "
+             "the balance cap):",
              "level  nodes  non-empty  min  median  max"]
     for s in report["sizes"]:
         lines.append(f"{s['level']:>5}  {s['nodes']:>5}  {s['non_empty']:>9}  {s['min']:>3}  {s['median']:>6.1f}  {s['max']:>3}")

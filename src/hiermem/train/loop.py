@@ -12,6 +12,12 @@ blocks written since the previous checkpoint (train/checkpoint.py says what a cr
 steps since the last complete checkpoint). metrics.jsonl reports the bytes fetched per step and, for a bank on
 disk, the bytes read from and written to disk and the cache's hit rate over each logging window.
 
+Faults. A process killed at any instant resumes with --resume to the same weights and losses (from its last
+complete checkpoint; a run killed before its first starts again, its partial files cleared). SIGINT/SIGTERM
+stop cleanly at the next step boundary after a checkpoint (train/stop.py). A NaN/Inf loss or gradient norm
+stops the run before any checkpoint is written after it, or with train.nonfinite=skip masks that step's
+update (train/step.py). A write that fails (a full disk) names the file and the checkpoint to resume from.
+
 Under torchrun (train/parallel.py) every process runs this loop on its share of each global batch: the anchor
 is wrapped in DDP or FSDP2; in memory runs each rank trains on the sequences of the subtrees it owns
 (data/sharding.py) and updates only their blocks, the blocks several ranks share being reduced among them
@@ -28,6 +34,7 @@ import dataclasses
 import json
 import math
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -46,6 +53,8 @@ from hiermem.data.tokenizer import Tokenizer, resolve_vocab
 from hiermem.device import resolve_device
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_write_json, atomic_write_text
+from hiermem.integrity import record, seal, unseal
+from hiermem.locking import DirLock
 from hiermem.memory.bank import MemoryBank
 from hiermem.memory.files import crash_point
 from hiermem.memory.shard import ShardReducer, held_blocks
@@ -54,12 +63,14 @@ from hiermem.memory.spec import parameter_report, spec_from_config
 from hiermem.model.build import build_model
 from hiermem.model.transformer import Transformer
 from hiermem.routing.clustering import load_clustering
+from hiermem.routing.tree import Tree
 from hiermem.train.checkpoint import (RUN_FORMAT_VERSION, load_state, load_weights, read_run_format, save_weights,
                                       write_checkpoint, write_run_format)
 from hiermem.train.parallel import (collective_errors, full_model_state, full_optimizer_state, init_world,
                                     is_sharded, load_optimizer_state, wrap_anchor)
 from hiermem.train.flops import flops_per_token, peak_flops
 from hiermem.train.step import TrainStep, anchor_optimizer, bank_optimizer
+from hiermem.train.stop import StopSignals, Stopped, deadline, exit_code
 
 
 def total_steps(cfg: Config, n_sequences: int) -> int:
@@ -69,14 +80,20 @@ def total_steps(cfg: Config, n_sequences: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * n_sequences / per_step))
 
 
-RESUME_FREE = ("parallel", "dist_timeout_s", "data_shards")  # train.* keys a resumed run may change
+# train.* keys a resumed run may change: how the run is spread over processes, and how it reacts to a signal
+RESUME_FREE = ("parallel", "dist_timeout_s", "data_shards", "stop_timeout_s")
+PARTIAL = ("bank", "checkpoint", "metrics.jsonl", "anchor.safetensors")  # what a run writes after its config
 
 
-def _check_run_dir(cfg: Config, resume: bool) -> None:
+def _check_run_dir(cfg: Config, resume: bool) -> bool:
+    """Refuse a run directory this run cannot use. Returns True when --resume finds a run killed before its
+    first checkpoint (its config.yaml, no checkpoint/state.json): it then starts from the beginning, its partial
+    files (PARTIAL) cleared by the caller."""
     run_dir = cfg.run_dir
     saved = run_dir / "config.yaml"
     if resume:
-        if not (run_dir / "checkpoint" / "state.json").is_file():
+        started = (run_dir / "checkpoint" / "state.json").is_file()
+        if not started and not saved.is_file():
             raise HiermemError(f"{run_dir}: nothing to resume (no checkpoint/state.json)")
         version = read_run_format(run_dir)  # a run written by a newer hiermem is refused, not rewritten
         if version < RUN_FORMAT_VERSION:
@@ -91,11 +108,24 @@ def _check_run_dir(cfg: Config, resume: bool) -> None:
         diffs = diff_fields(before, to_dict(cfg))
         if diffs:
             raise HiermemError(f"{saved}: this run was made by another config: {'; '.join(diffs)}")
-    elif (run_dir / "checkpoint").exists() or (run_dir / "anchor.safetensors").exists():
+        return not started
+    if (run_dir / "checkpoint").exists() or (run_dir / "anchor.safetensors").exists() \
+            or (run_dir / "metrics.jsonl").exists():
         raise HiermemError(f"{run_dir}: run directory already holds a run (use --resume, or another train.run_dir)")
-    elif (run_dir / "bank").exists():
+    if (run_dir / "bank").exists():
         raise HiermemError(f"{run_dir / 'bank'}: a bank without a checkpoint (a run stopped before its first "
-                           "checkpoint?); remove it or use another train.run_dir")
+                           "checkpoint?); use --resume, remove it or use another train.run_dir")
+    return False
+
+
+def _clear_partial(run_dir: Path) -> None:
+    """A run killed before its first checkpoint starts again: what it wrote after its config goes."""
+    for name in PARTIAL:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _init_from(cfg: Config, model: Transformer, tok: Tokenizer) -> Path | None:
@@ -111,6 +141,21 @@ def _init_from(cfg: Config, model: Transformer, tok: Tokenizer) -> Path | None:
                            "(data.tokenizer / data.vocab_size / data.corpus differ?)")
     load_weights(model, src / "anchor.safetensors")
     return src
+
+
+def _check_init_tree(src: Path, bank: MemoryBank, tree: Tree, data_dir: Path) -> None:
+    """A bank from train.init_from means something only over the tree it was trained on: the new data must be
+    routed into that tree (`hiermem cluster` with routing.tree_from=src), so that training adds to the blocks
+    the new documents reach and leaves the others as they were."""
+    spec, mine = bank.spec, Path(data_dir) / "cluster" / "tree.npz"
+    if (tree.depth, tree.branching) != (spec.depth, spec.branching):
+        raise HiermemError(f"{mine}: a tree of depth {tree.depth}, branching {tree.branching}; the bank of "
+                           f"train.init_from {src} has depth {spec.depth}, branching {spec.branching}")
+    if not (src / "tree.npz").is_file():
+        raise HiermemError(f"{src}: a memory run without tree.npz")
+    if Tree.load(src / "tree.npz").fingerprint() != tree.fingerprint():
+        raise HiermemError(f"{mine}: another tree than {src / 'tree.npz'} (cluster the new data with "
+                           f"routing.tree_from={src})")
 
 
 def _checkpoint_shape(cfg: Config) -> tuple[Config, list[str]]:
@@ -152,8 +197,17 @@ class Trainer:
         if self.world.is_main:
             for note in notes:
                 print(f"note: {note}", file=sys.stderr)
+        # one training per run directory: rank 0 holds its lock (hiermem/locking.py) from setup to the end of run()
+        self._lock = DirLock(cfg.run_dir, "train") if self.world.is_main else None
         with collective_errors(self.world, t.dist_timeout_s):
-            self._setup(resume)
+            try:
+                if self._lock is not None:
+                    self._lock.acquire()
+                self._setup(resume)
+            except BaseException:
+                if self._lock is not None:
+                    self._lock.release()
+                raise
 
     def _setup(self, resume: bool) -> None:
         cfg, t, world = self.cfg, self.cfg.train, self.world
@@ -162,16 +216,24 @@ class Trainer:
         tok = self.data.tokenizer()
         _check_hf_tokenizer(cfg, tok)
         resolve_vocab(cfg, tok)  # before comparing with a saved config, which holds the resolved size
-        _check_run_dir(cfg, resume)
+        if _check_run_dir(cfg, resume):  # --resume of a run killed before its first checkpoint: start it again
+            resume = False
+            if world.is_main:
+                _clear_partial(cfg.run_dir)
         world.barrier()  # every rank has checked the run directory before rank 0 writes into it
+        if world.is_main and not resume:  # first: a run killed from here on is one --resume knows (its config)
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_format(cfg.run_dir)
+            save_config(cfg, cfg.run_dir / "config.yaml")
+            record(cfg.run_dir / "config.yaml")
         torch.manual_seed(t.seed)
 
         self.clustering = load_clustering(self.data, cfg, required=True) if cfg.pack_by_leaf else None
         if self.clustering is not None:
             self.dataset = self.data.packed("train", cfg.data.seq_len, self.clustering.doc_paths,
-                                            self.clustering.tree.fingerprint())
+                                            self.clustering.tree.fingerprint(), algo=cfg.data.packing_algo)
         else:
-            self.dataset = self.data.packed("train", cfg.data.seq_len)
+            self.dataset = self.data.packed("train", cfg.data.seq_len, algo=cfg.data.packing_algo)
         self.model = build_model(cfg).to(self.device)
         init_src = _init_from(cfg, self.model, tok)
         if t.mode == "frozen":
@@ -181,6 +243,8 @@ class Trainer:
             load_weights(self.model, cfg.run_dir / "checkpoint" / state["files"]["model"])
         self.module = wrap_anchor(self.model, world, t.parallel)  # after loading: FSDP2 shards in place
         self.opt = None if t.mode == "frozen" else anchor_optimizer(self.model, cfg, self.device)
+        if t.init_optimizer and init_src is not None and self.opt is not None and state is None:
+            self._continue_optimizer(init_src)
 
         self.bank = self.bank_opt = None
         self.generation = 0  # of the last checkpoint (and of the bank's store in <run>/bank)
@@ -198,6 +262,7 @@ class Trainer:
         if cfg.uses_memory and not resume and world.distributed:
             self._shared_bank(init_src)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        self.skipped_before = 0  # steps masked by train.nonfinite=skip before this process (from the checkpoint)
         self._unsynced_tokens = 0  # this rank's target tokens not yet added to tokens_seen (summed over ranks)
         if resume:
             self._load_checkpoint(state)
@@ -217,12 +282,16 @@ class Trainer:
                 shutil.copyfile(self.data.path / "tokenizer_config.json", cfg.run_dir / "tokenizer_config.json")
             if cfg.uses_memory:
                 self.clustering.tree.save(cfg.run_dir / "tree.npz")
+            written = ("config.yaml", "tokenizer.json", "tokenizer_config.json", "tree.npz")
+            record(*(cfg.run_dir / n for n in written if (cfg.run_dir / n).is_file()))  # <run>/.checksums.json
 
     def _new_bank(self, init_src: Path | None, dir: Path | None) -> MemoryBank:
         m = self.cfg.memory
         src_bank = init_src / "bank" if init_src is not None else None
         source = (MemoryBank.load(src_bank, mmap=True, writable=False, cache_bytes=m.cache_bytes)
                   if src_bank is not None and (src_bank / "manifest.json").is_file() else None)
+        if source is not None:
+            _check_init_tree(init_src, source, self.clustering.tree, self.cfg.data_dir)
         return MemoryBank.create(spec_from_config(self.cfg), seed=self.cfg.train.seed, weights_from=source, dir=dir,
                                  dtype=m.dtype, cache_bytes=m.cache_bytes, prefetch=m.prefetch > 0)
 
@@ -316,7 +385,37 @@ class Trainer:
         return {"kind": "sharded", "shards": self.shards[1].world, "step": self.step}
 
     # -- checkpoints ---------------------------------------------------------------------------------------
+    def last_good(self) -> str:
+        """Which checkpoint a failed or abandoned run resumes from, as the one-line messages say it (read from
+        disk: the one whose state.json is there now)."""
+        try:
+            return f"the last good checkpoint is step {load_state(self.cfg.run_dir / 'checkpoint')['step']}"
+        except HiermemError:
+            return "there is no checkpoint yet"
+
+    def check_finite(self) -> None:
+        """With train.nonfinite=stop, an error naming the first step whose loss or gradient norm was NaN/Inf
+        (the device flags are read here: at logging steps and before every checkpoint, so the error may come up
+        to train.log_every steps late, but no checkpoint is ever written after a bad step)."""
+        bad, what, _ = self.train_step.nonfinite()
+        if bad is not None and self.cfg.train.nonfinite == "stop":
+            raise HiermemError(f"non-finite {what} at step {bad + 1}; {self.last_good()}")
+
+    def skipped_steps(self) -> int:
+        """Steps whose update train.nonfinite=skip masked, since the run began (a host sync)."""
+        return self.skipped_before + self.train_step.nonfinite()[2]
+
     def save_checkpoint(self) -> None:
+        """Checkpoint the run (see _write_checkpoint), after checking that no step since the last one was
+        non-finite. A write that fails (a full disk, a permission) leaves the previous checkpoint the valid one
+        and is reported in one line."""
+        self.check_finite()
+        try:
+            self._write_checkpoint()
+        except OSError as e:
+            raise HiermemError(f"checkpoint at step {self.step} failed: {os_reason(e)}; {self.last_good()}") from None
+
+    def _write_checkpoint(self) -> None:
         """Checkpoint generation g: the bank's generation g (its blocks written since g-1) in <run>/bank, then the
         checkpoint's files and its state.json (the commit point), then the bank's manifest.json.
 
@@ -343,12 +442,23 @@ class Trainer:
             write_checkpoint(self.cfg.run_dir / "checkpoint", g, weights, opt, bank_opt, {
                 "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                 "total_steps": self.steps, "sampler": self._sampler_state(), "world_size": world.size,
-                "optimizer_named": named})
+                "optimizer_named": named, "skipped_steps": self.skipped_steps()})
         self.generation = g
         if self.bank is not None and world.is_main:
             crash_point("publish")
             self.bank.publish()
         world.barrier()
+
+    def _continue_optimizer(self, src: Path) -> None:
+        """train.init_optimizer: the anchor's AdamW moments from init_from's final checkpoint, so that a run
+        continuing another's schedule does not restart Adam's statistics."""
+        ckpt = src / "checkpoint"
+        state = load_state(ckpt)
+        if state["step"] != state.get("total_steps"):
+            raise HiermemError(f"{src}: train.init_optimizer needs a finished run (its checkpoint is at step "
+                               f"{state['step']} of {state.get('total_steps')})")
+        saved = torch.load(ckpt / state["files"]["optimizer"], weights_only=True)
+        load_optimizer_state(self.model, self.opt, saved, named=state.get("optimizer_named", False))
 
     def _load_checkpoint(self, state: dict) -> None:
         ckpt = self.cfg.run_dir / "checkpoint"
@@ -371,6 +481,7 @@ class Trainer:
                        "seed": self.sampler.seed, "n": self.sampler.n}
         self.sampler.load_state_dict(sampler)
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        self.skipped_before = state.get("skipped_steps", 0)
         if self.world.is_main:
             self._truncate_metrics()
         self.world.barrier()
@@ -383,10 +494,12 @@ class Trainer:
         keep = []
         for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
             try:
-                if json.loads(line)["step"] <= self.step:
+                if unseal(path, json.loads(line))["step"] <= self.step:  # each line carries its crc32
                     keep.append(line if line.endswith("\n") else line + "\n")
             except (ValueError, KeyError, TypeError):  # a line torn by the crash
                 continue
+            except HiermemError as e:  # a damaged line is dropped, not kept as if it were what was logged
+                print(f"warning: {e}: dropped the line {line.strip()[:60]!r}", file=sys.stderr)
         atomic_write_text(path, "".join(keep))
 
     def save_final(self) -> None:
@@ -448,9 +561,53 @@ class Trainer:
     def run(self, stop_at: int | None = None) -> dict:
         """Train to the end (or to step `stop_at`, for tests of --resume); returns a summary."""
         with collective_errors(self.world, self.cfg.train.dist_timeout_s):
-            return self._run(stop_at)
+            try:
+                if self._lock is not None:
+                    self._lock.acquire()
+                return self._run(stop_at)
+            finally:
+                if self._lock is not None:
+                    self._lock.release()
 
     def _run(self, stop_at: int | None) -> dict:
+        """The loop under the stop signals' handlers (train/stop.py); a failed write (a full disk) between
+        checkpoints is reported in one line, like one inside a checkpoint."""
+        with StopSignals(self._abandoned) as self._signals:
+            try:
+                return self._train(stop_at)
+            except OSError as e:
+                raise HiermemError(f"training at step {self.step + 1} failed: {os_reason(e)}; "
+                                   f"{self.last_good()}") from None
+
+    def _abandoned(self, signal_name: str) -> str:
+        return (f"stopped at once by a second {signal_name} at step {self.step}, without a checkpoint; "
+                f"{self.last_good()}; resume with --resume")
+
+    def _stop_requested(self, logged: bool) -> int | None:
+        """The signal to stop on at this step boundary, or None. On one process: the first signal received. In a
+        job the ranks agree at logging steps only (one all-reduce of two flags), so that all stop at the same
+        step; a rank that is gone makes the others fail on train.dist_timeout_s, without a checkpoint."""
+        signum = self._signals.signum
+        if not self.world.distributed:
+            return signum
+        if not logged:
+            return None
+        flags = torch.tensor([signum == signal.SIGINT, signum == signal.SIGTERM], dtype=torch.int64,
+                             device=self.device)
+        sigint, sigterm = self.world.sum_(flags).tolist()
+        return signal.SIGTERM if sigterm else signal.SIGINT if sigint else None
+
+    def _stop(self, signum: int, saved: bool) -> None:
+        """A clean stop: the checkpoint (unless this step just wrote one), within train.stop_timeout_s."""
+        if not saved:
+            limit = self.cfg.train.stop_timeout_s
+            with deadline(limit, lambda: f"the checkpoint at step {self.step} took longer than train.stop_timeout_s="
+                          f"{limit} s: stopped without it; {self.last_good()}; resume with --resume",
+                          exit_code(signum)):
+                self.save_checkpoint()
+        raise Stopped(self.step, signum)
+
+    def _train(self, stop_at: int | None) -> dict:
         cfg, t, main = self.cfg, self.cfg.train, self.world.is_main
         end = self.steps if stop_at is None else min(stop_at, self.steps)
         metrics_path = cfg.run_dir / "metrics.jsonl"
@@ -470,7 +627,9 @@ class Trainer:
                 out = self.advance(self._indices(batches, self.step))
                 self.elapsed += time.perf_counter() - t0
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == end:  # the only host syncs of the loop
+                logged = self.step % t.log_every == 0 or self.step == end
+                if logged:  # the only host syncs of the loop
+                    self.check_finite()  # before the step is logged
                     self._sync_tokens()
                     rate = (self.tokens_seen - window_tokens) / max(1e-9, time.perf_counter() - window_start)
                     last = as_numbers(out)
@@ -487,24 +646,38 @@ class Trainer:
                         io = self.bank.io_stats()
                         rec.update(io_window(io_before, io))
                         io_before = io
+                    if t.nonfinite == "skip":
+                        rec["skipped_steps"] = self.skipped_steps()
                     if main:
-                        metrics.write(json.dumps(rec) + "\n")
+                        metrics.write(json.dumps(seal(rec)) + "\n")
                         metrics.flush()
                     window_tokens, window_start = self.tokens_seen, time.perf_counter()
-                if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < end:
+                saved = bool(t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < end)
+                if saved:
                     self.save_checkpoint()
+                signum = self._stop_requested(logged)
+                if signum is not None and self.step < end:  # at the end the run just finishes
+                    bar.close()
+                    self._stop(signum, saved)
         bar.close()
         self.save_checkpoint()
         if self.step >= self.steps:
             self.save_final()
         summary = {"steps": self.step, "total_steps": self.steps, "tokens_seen": self.tokens_seen,
                    "elapsed_s": round(self.elapsed, 2), "final_loss": last.get("loss"),
-                   "parameters": parameter_report(cfg), "world_size": self.world.size}
+                   "parameters": parameter_report(cfg), "world_size": self.world.size,
+                   "packing": self.dataset.packing_stats()}
         if self.shards is not None:
             summary["sharding"] = self.shards[0].report()
         if self.step >= self.steps and main:
             atomic_write_json(cfg.run_dir / "train_summary.json", summary)
         return summary
+
+
+def os_reason(e: OSError) -> str:
+    """"No space left on device (<file>)": an OSError's reason and the file it names."""
+    reason = e.strerror or str(e)
+    return f"{reason} ({e.filename})" if e.filename else reason
 
 
 def io_window(before: dict, now: dict) -> dict:

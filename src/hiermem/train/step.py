@@ -5,6 +5,12 @@
     -> one gradient norm over the anchor and the fetched blocks together, clipped without a host sync
     -> the anchor's AdamW (fused on CUDA, foreach on CPU) and the bank's lazy AdamW on the fetched blocks only.
 
+Numerical faults never cost a host sync: a step whose loss or gradient norm is NaN/Inf is recorded in flags on
+the device (as GradScaler's found_inf), which the loop reads when it logs and before every checkpoint
+(nonfinite()). With train.nonfinite=skip the step's update is masked there too: the anchor's AdamW is then the
+fused one on every device (it takes the flag as found_inf: no change to weights, moments or step counts) and
+the bank's lazy AdamW keeps the old values of the step's blocks (memory/optim.py).
+
 Nothing here reads files or logs: the loop (train/loop.py) feeds batches and writes metrics, the benchmark feeds
 synthetic batches. The step returns tensors; converting them to Python numbers (a host sync) is the caller's
 choice, made only when it logs. A caller that knows its next batches passes their paths to prefetch(), so that a
@@ -25,7 +31,7 @@ from hiermem.memory.optim import LazyAdamW
 from hiermem.memory.shard import ShardReducer
 from hiermem.model.transformer import Transformer
 from hiermem.train.parallel import World, is_sharded, local_grads, no_grad_sync
-from hiermem.train.schedule import warmup_cosine
+from hiermem.train.schedule import span_cosine, warmup_cosine
 
 
 def anchor_optimizer(model: Transformer, cfg: Config, device: torch.device) -> torch.optim.AdamW:
@@ -33,7 +39,9 @@ def anchor_optimizer(model: Transformer, cfg: Config, device: torch.device) -> t
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     t = cfg.train
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # skip: fused on CPU too, the kernel that masks a step by found_inf on the device
+    fused = device.type == "cuda" or t.nonfinite == "skip"
+    fast = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, **fast)
@@ -81,6 +89,10 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.world = world if world is not None and world.distributed else None
         self.module, self.reducer = module if module is not None else model, reducer
+        # the first step (0-based) whose loss (kind 0) or gradient norm (kind 1) was not finite; steps skipped
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.first_bad_kind = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         if cfg.train.compile:  # per block, as torchtitan does: the memory branch traces without a graph break
             for block in model.blocks:
                 block.compile()
@@ -102,7 +114,7 @@ class TrainStep:
         if self.world is not None:
             return self._distributed(batch, step)
         cfg, t = self.cfg, self.cfg.train
-        lr = warmup_cosine(step, self.total_steps, t.lr, t.lr_min, t.warmup_steps)
+        lr = span_cosine(step, self.total_steps, t.lr, t.lr_min, t.warmup_steps, t.lr_span)
         B = batch["input_ids"].shape[0]
         out: dict = {"lr": lr}
         f = use_generic = None
@@ -123,7 +135,7 @@ class TrainStep:
                                      dev["segment_ids"][sl], memory)
             # weight each micro-batch by its share of the batch's target tokens: equals one big batch's mean
             share = (dev["targets"][sl] != -100).sum() / n_valid
-            loss = torch.nan_to_num(loss, nan=0.0)  # a micro-batch without targets: mean of nothing, share 0
+            loss = torch.where(share > 0, loss, 0.0)  # no targets: mean of nothing (NaN), share 0; a real NaN stays
             (loss * share).backward()
             loss_sum += loss.detach() * share
 
@@ -137,7 +149,7 @@ class TrainStep:
     def _distributed(self, batch: dict[str, torch.Tensor], step: int) -> dict:
         """The same step as __call__'s, on one rank of a job (see the class docstring)."""
         t, world = self.cfg.train, self.world
-        lr = warmup_cosine(step, self.total_steps, t.lr, t.lr_min, t.warmup_steps)
+        lr = span_cosine(step, self.total_steps, t.lr, t.lr_min, t.warmup_steps, t.lr_span)
         B = batch["input_ids"].shape[0]
         out: dict = {"lr": lr}
         f = use_generic = None
@@ -159,7 +171,7 @@ class TrainStep:
                     _, loss = self.module(dev["input_ids"][sl], dev["targets"][sl], dev["positions"][sl],
                                           dev["segment_ids"][sl], memory)
                 share = (dev["targets"][sl] != -100).sum() / n_valid  # of the global batch's targets
-                loss = torch.nan_to_num(loss, nan=0.0)
+                loss = torch.where(share > 0, loss, 0.0)
                 (loss * share).backward()
             loss_sum += loss.detach() * share
 
@@ -177,11 +189,33 @@ class TrainStep:
         totals = world.sum_(torch.stack([sq, loss_sum]))
         return self._update(out, grads, bg, totals[0].sqrt(), totals[1], lr, step, f, use_generic)
 
+    def nonfinite(self) -> tuple[int | None, str, int]:
+        """(the first 0-based step whose loss or gradient norm was NaN/Inf, or None; "loss" or "gradient norm";
+        the number of steps skipped by train.nonfinite=skip). Reads the device flags: a host sync."""
+        first = int(self.first_bad)
+        kind = "gradient norm" if int(self.first_bad_kind) else "loss"
+        skipped = int(self.skipped) if self.cfg.train.nonfinite == "skip" else 0
+        return (first if first >= 0 else None), kind, skipped
+
+    def _flag_nonfinite(self, loss_sum: torch.Tensor, norm: torch.Tensor, step: int) -> torch.Tensor:
+        """Record this step in the device flags if its loss or norm is not finite; returns that as a 0-dim bool
+        (the same on every rank of a job: both are global). No host sync."""
+        bad_loss, bad_norm = ~torch.isfinite(loss_sum), ~torch.isfinite(norm)
+        bad = bad_loss | bad_norm
+        new = bad & (self.first_bad < 0)
+        self.first_bad = torch.where(new, step, self.first_bad)
+        self.first_bad_kind = torch.where(new, (~bad_loss).long(), self.first_bad_kind)
+        self.skipped = self.skipped + bad.long()
+        return bad
+
     def _update(self, out: dict, grads: list, bg, norm: torch.Tensor, loss_sum: torch.Tensor, lr: float, step: int,
                 f, use_generic) -> dict:
         """Clip by the one global norm (anchor and fetched memory together; no host sync), then the anchor's AdamW
-        and the bank's lazy AdamW on the fetched blocks. Shared by the one-process and the distributed step."""
+        and the bank's lazy AdamW on the fetched blocks, both masked on a non-finite step under
+        train.nonfinite=skip. Shared by the one-process and the distributed step."""
         t, m = self.cfg.train, self.cfg.memory
+        bad = self._flag_nonfinite(loss_sum, norm, step)
+        skip = bad if t.nonfinite == "skip" else None
         if t.grad_clip > 0:
             scale = torch.where(norm > t.grad_clip, t.grad_clip / (norm + 1e-6), torch.ones_like(norm))
             if grads:
@@ -191,12 +225,15 @@ class TrainStep:
         if self.anchor_opt is not None:
             for group in self.anchor_opt.param_groups:
                 group["lr"] = lr
+            if skip is not None:  # read by the fused kernel on the device; it also restores the step counts
+                self.anchor_opt.found_inf = skip.float()
             self.anchor_opt.step()
             self.anchor_opt.zero_grad(set_to_none=True)
         out.update(loss=loss_sum, grad_norm=norm)
         if bg is not None:
             lr_mem = warmup_cosine(step, self.total_steps, m.lr, m.lr_min, m.warmup_steps)
-            out.update(lr_memory=lr_mem, blocks_updated=self.bank_opt.step(bg, lr_mem),
+            mask = skip.to(self.bank.device) if skip is not None else None
+            out.update(lr_memory=lr_mem, blocks_updated=self.bank_opt.step(bg, lr_mem, skip=mask),
                        generic_frac=float(use_generic.float().mean()), fetched_bytes=f.nbytes)
         return out
 
