@@ -40,8 +40,8 @@ FORMER = {
 }
 # the default (cpu) preset, field by field: the YAML must not drift from it
 FORMER_CPU = {"preset": "small", "overrides": (), "user_overrides": (), "epochs": 2, "phase1_epochs": 1,
-              "lr": 2e-3, "phase2_schedule": "continue", "phase2_lr": 2e-3, "memory_lr": 3e-3,
-              "memory_lr_min": 3e-4,
+              "lr": 2e-3, "phase2_schedule": "continue", "phase2_lr": 2e-3, "memory_lr": 2e-3,
+              "memory_lr_min": 2e-4,
               "dense": ("model.d_model=192", "model.n_heads=6", "model.d_ff=512"), "knn_k": 10, "max_new_tokens": 10,
               "staged_control": False, "corpus": {"seed": 0, "n_entities": 2000, "n_unseen": 250, "head_mentions": 200, "zipf_exponent": 0.606,
                          "min_mentions": 2, "n_background": 1500, "background_words": 55, "distractor_prob": 0.3,

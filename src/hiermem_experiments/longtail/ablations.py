@@ -79,8 +79,9 @@ def _common_text(base: Config) -> list[Variant]:
     """Settings of the memory run that trade held-out text against facts (README: common text must not pay)."""
     return [Variant("default", ()),
             Variant("memory_lr=2.5e-3", ("memory.lr=2.5e-3", "memory.lr_min=2.5e-4")),
-            Variant("memory_lr=2e-3", ("memory.lr=2e-3", "memory.lr_min=2e-4")),
-            Variant("memory_lr_min=3e-5", ("memory.lr_min=3e-5",)),
+            Variant("memory_lr=3e-3", ("memory.lr=3e-3", "memory.lr_min=3e-4")),
+            Variant("memory_lr=1e-2", ("memory.lr=1e-2", "memory.lr_min=1e-3")),
+            Variant("memory_lr_min=2e-5", ("memory.lr_min=2e-5",)),
             Variant("generic_prob=0", ("memory.generic_prob=0.0",)),
             Variant("weight_decay=0.01", ("memory.weight_decay=0.01",))]
 
@@ -209,17 +210,17 @@ def _overrides_of(name: str, label: str, cfg: Config) -> list[str]:
 
 def format_ablation(report: dict) -> str:
     b = report["buckets"]
-    head = (f"{'variant':<16}" + "".join(f"{x:>7}" for x in b) + f"{'all':>7}{'ppl-wiki':>10}{'off-wiki':>10}"
+    head = (f"{'variant':<20}" + "".join(f"{x:>7}" for x in b) + f"{'all':>7}{'ppl-wiki':>10}{'off-wiki':>10}"
             f"{'fetched':>10}{'bank':>12}")
     lines = [f"ablation {report['ablation']}: {report['title']} (population exact match % by training mentions;"
              " ppl-wiki = held-out Wikipedia perplexity with the fetched memory, off-wiki = memory off)",
              head, "-" * len(head)]
     for name, m in report["baselines"].items():
-        lines.append(f"{name:<16}" + "".join(f"{x:>7.1f}" for x in m["accuracy"]) + f"{m['overall']:>7.1f}"
+        lines.append(f"{name:<20}" + "".join(f"{x:>7.1f}" for x in m["accuracy"]) + f"{m['overall']:>7.1f}"
                      f"{m['perplexity_real_text']:>10.2f}{'-':>10}{'-':>10}{'-':>12}")
     for label, v in report["variants"].items():
         f, off = v["fetched_knn"], v["memory_off"]
-        lines.append(f"{label:<16}" + "".join(f"{x:>7.1f}" for x in f["accuracy"]) + f"{f['overall']:>7.1f}"
+        lines.append(f"{label:<20}" + "".join(f"{x:>7.1f}" for x in f["accuracy"]) + f"{f['overall']:>7.1f}"
                      f"{f['perplexity_real_text']:>10.2f}{off['perplexity_real_text']:>10.2f}"
                      f"{v['fetched_params']:>10,}{v['bank_params']:>12,}")
     lines.append(f"wall time {report['wall_time_s']:.0f}s; CPU s per variant (0 = cached): "

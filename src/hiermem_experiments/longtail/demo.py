@@ -52,8 +52,8 @@ class DemoSpec:
     phase2_schedule: str = "continue"  # continue: phases 1 and 2 follow the anchor's single cosine (train.lr_span);
     #                                    restart: phase 1 decays fully, phase 2 restarts at phase2_lr
     phase2_lr: float = 2e-3  # with restart only: anchor LR in phase 2 (both runs), the cosine's new peak
-    memory_lr: float = 3e-3
-    memory_lr_min: float = 3e-4
+    memory_lr: float = 2e-3
+    memory_lr_min: float = 2e-4
     dense: tuple[str, ...] = ("model.d_model=192", "model.n_heads=6", "model.d_ff=512")
     knn_k: int = 10
     max_new_tokens: int = 10
