@@ -97,11 +97,12 @@ ABLATIONS: dict[str, tuple[Callable[[Config], list[Variant]], str]] = {
 }
 
 
-def variant_configs(spec: DemoSpec, out: Path, name: str) -> dict[str, Config]:
-    """label -> the memory-run config of each variant of ablation `name`."""
+def variant_configs(spec: DemoSpec, out: Path, name: str, tokenizer=None) -> dict[str, Config]:
+    """label -> the memory-run config of each variant of ablation `name`. With the demo's tokenizer, the configs
+    carry its vocabulary size, as the trained runs' saved configs do (so finished variants are recognised)."""
     if name not in ABLATIONS:
         raise HiermemError(f"demo: unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
-    base = job_configs(spec, out)["memory"]
+    base = _memory_config(spec, out, tokenizer)
     folder = out / "ablations" / name
     configs = {}
     for v in ABLATIONS[name][0](base):
@@ -115,6 +116,15 @@ def variant_configs(spec: DemoSpec, out: Path, name: str) -> dict[str, Config]:
         run = [f"name=ablation-{name}-{v.label}", f"train.run_dir={folder / 'runs' / v.label}"]
         configs[v.label] = with_overrides(base, [*extra, *run], f"ablation {name}, variant {v.label}")
     return configs
+
+
+def _memory_config(spec: DemoSpec, out: Path, tokenizer=None) -> Config:
+    base = job_configs(spec, out)["memory"]
+    if tokenizer is not None:
+        from hiermem.data.tokenizer import resolve_vocab
+
+        resolve_vocab(base, tokenizer)
+    return base
 
 
 def _job_main(label: str, folder: str) -> None:
@@ -160,7 +170,11 @@ def run_ablation(name: str, preset: str, out: str | None = None, jobs: int = 2, 
     out_path = Path(out) if out else default_out(preset)
     demo = run_demo(preset, out=str(out_path), jobs=jobs, progress=progress, spec=spec, quiet=True)
     folder = out_path / "ablations" / name
-    configs = variant_configs(spec, out_path, name)
+    from hiermem.data.prepare import DataDir
+
+    tok = DataDir(job_configs(spec, out_path)["memory"].data_dir).tokenizer()
+    configs = variant_configs(spec, out_path, name, tok)
+    overrides = {v.label: v.overrides for v in ABLATIONS[name][0](_memory_config(spec, out_path, tok))}
     (folder / "configs").mkdir(parents=True, exist_ok=True)
     (folder / "eval").mkdir(parents=True, exist_ok=True)
     for old in (folder / "configs").glob("*.yaml"):
@@ -188,7 +202,7 @@ def run_ablation(name: str, preset: str, out: str | None = None, jobs: int = 2, 
         params = parameter_report(cfg)
         variants[label] = {"fetched_knn": res["fetched_knn"], "memory_off": res["memory_off"],
                            "fetched_params": params["fetched"], "bank_params": params["bank"],
-                           "overrides": [o for o in _overrides_of(name, label, cfg)],
+                           "overrides": list(overrides[label]),
                            "job_cpu_s": round(cpu.get(label, 0.0), 1)}
     report = {"ablation": name, "title": ABLATIONS[name][1], "buckets": demo["buckets"],
               "bucket_entities": demo["bucket_entities"], "variants": variants,
@@ -201,11 +215,6 @@ def run_ablation(name: str, preset: str, out: str | None = None, jobs: int = 2, 
     print(text)
     print(f"\nwrote {folder / 'report.json'}, {folder / 'report.txt'}, {folder / 'accuracy_by_bucket.png'}")
     return report
-
-
-def _overrides_of(name: str, label: str, cfg: Config) -> list[str]:
-    base = {v.label: v for v in ABLATIONS[name][0](cfg)}
-    return list(base[label].overrides) if label in base else []
 
 
 def format_ablation(report: dict) -> str:

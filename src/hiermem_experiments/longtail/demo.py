@@ -315,6 +315,11 @@ def run_demo(preset: str = DEFAULT_PRESET, out: str | None = None, jobs: int = 2
     for cfg in configs.values():  # resolve model.vocab_size now, so cached runs compare equal to their configs
         resolve_vocab(cfg, tok)
     wall, cpu = run_jobs(configs, out, spec, jobs, progress)
+    if not any(wall.values()) and (out / "report.json").is_file():  # nothing ran: the report stands as it is
+        report = json.loads((out / "report.json").read_text())
+        if not quiet:
+            print((out / "report.txt").read_text().rstrip())
+        return report
     results = {n: json.loads((out / "eval" / f"{n}.json").read_text()) for n in evals(spec).values()}
     models = {row: results[run]["rows"][row] for row, (run, _, _) in ROWS.items() if run in results}
     models.update(report_rows(results))
