@@ -2,10 +2,11 @@
 train with the config overrides in argv up to --stop-at, then save this rank's bank shard (the ids of the blocks
 it holds and their weights, its resident bytes, how many blocks per level the shard plan gives it), which blocks
 it may update and which of those it shares, into --dump/rank<r>.npz. --die-at N: rank 1 exits hard just before
-step N (a rank that dies)."""
+step N (a rank that dies). --signal-at N: rank 1 alone sends itself SIGTERM just before step N."""
 
 import argparse
 import os
+import signal
 import sys
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from hiermem.config import load_config
 from hiermem.errors import HiermemError
 from hiermem.train.loop import Trainer
+from hiermem.train.stop import Stopped
 
 
 def main() -> int:
@@ -21,6 +23,7 @@ def main() -> int:
     ap.add_argument("--stop-at", type=int, default=None)
     ap.add_argument("--dump", default=None)
     ap.add_argument("--die-at", type=int, default=None)
+    ap.add_argument("--signal-at", type=int, default=None)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -36,7 +39,19 @@ def main() -> int:
                 return advance(indices)
 
             trainer.advance = dying
+        if args.signal_at is not None:
+            advance_ = trainer.advance
+
+            def signalled(indices):
+                if trainer.step == args.signal_at and trainer.world.rank == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)  # only this rank is told to stop
+                return advance_(indices)
+
+            trainer.advance = signalled
         trainer.run(stop_at=args.stop_at)
+    except Stopped as e:  # a clean stop, as the CLI reports it
+        print(str(e), file=sys.stderr, flush=True)
+        return e.exit_code
     except HiermemError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

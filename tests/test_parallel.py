@@ -138,3 +138,21 @@ def test_a_dead_rank_stops_the_job(longtail_data, tmp_path):
     assert code1 == 3  # the worker's own hard exit
     assert code0 == 2 and "error: rank 0: the job stopped: another process failed or did not answer within " \
                           "train.dist_timeout_s=30 s" in err0
+
+
+def test_a_signal_to_one_rank_stops_the_whole_job_at_one_step_and_it_resumes(longtail_data, reference, tmp_path):
+    """SIGTERM to rank 1 only: the ranks agree at the next logging step, both checkpoint and exit 143 with the same
+    step, and the resumed job ends where the uninterrupted one does."""
+    ov = [*longtail_data, *STEPS, f"train.run_dir={tmp_path / 'stop'}", "train.log_every=2"]
+    (code0, err0), (code1, err1) = two_ranks("--signal-at", 1, *ov, timeout=120)
+    assert (code0, code1) == (143, 143), (err0[-2000:], err1[-2000:])
+    assert err0.strip().splitlines()[-1] == err1.strip().splitlines()[-1] == \
+        "stopped at step 2 by SIGTERM; resume with --resume"
+    assert json.loads((tmp_path / "stop" / "checkpoint" / "state.json").read_text())["step"] == 2
+    (code0, err0), (code1, err1) = two_ranks("--resume", *ov, timeout=120)
+    assert (code0, code1) == (0, 0), (err0[-2000:], err1[-2000:])
+    logged = {json.loads(line)["step"]: json.loads(line)["loss"]
+              for line in (tmp_path / "stop" / "metrics.jsonl").read_text().splitlines()}
+    assert sorted(logged) == [2, 4, 6]  # each logging step once, across the stop
+    np.testing.assert_allclose([logged[s] for s in (2, 4, 6)], losses(reference)[1::2], atol=1e-5, rtol=0)
+    assert_close_runs(tmp_path / "stop", reference)
