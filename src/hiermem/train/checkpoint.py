@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hiermem.errors import HiermemError, check_format_version
 from hiermem.integrity import CHECKSUMS, check_file, entry_of, record, unseal, write_sealed_json
@@ -105,9 +105,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise HiermemError(f"{path}: missing anchor weights")
     try:
-        state = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # one open: the tensors and the metadata holding their crc32
             meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for a damaged file
         raise HiermemError(f"{path}: cannot read weights ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     if WEIGHTS_CRC in meta and meta[WEIGHTS_CRC] != str(tensors_crc32(state)):

@@ -53,7 +53,7 @@ from hiermem.data.tokenizer import Tokenizer, resolve_vocab
 from hiermem.device import resolve_device
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_write_json, atomic_write_text
-from hiermem.integrity import record, seal, unseal
+from hiermem.integrity import read_json, record, seal, unseal
 from hiermem.locking import DirLock
 from hiermem.memory.bank import MemoryBank
 from hiermem.memory.files import crash_point
@@ -64,8 +64,8 @@ from hiermem.model.build import build_model
 from hiermem.model.transformer import Transformer
 from hiermem.routing.clustering import load_clustering
 from hiermem.routing.tree import Tree
-from hiermem.train.checkpoint import (RUN_FORMAT_VERSION, load_state, load_weights, read_run_format, save_weights,
-                                      write_checkpoint, write_run_format)
+from hiermem.train.checkpoint import (RUN_FORMAT_VERSION, STATE_JSON, load_state, load_weights, read_run_format,
+                                      save_weights, write_checkpoint, write_run_format)
 from hiermem.train.parallel import (collective_errors, full_model_state, full_optimizer_state, init_world,
                                     is_sharded, load_optimizer_state, wrap_anchor)
 from hiermem.train.flops import flops_per_token, peak_flops
@@ -388,9 +388,10 @@ class Trainer:
     def last_good(self) -> str:
         """Which checkpoint a failed or abandoned run resumes from, as the one-line messages say it (read from
         disk: the one whose state.json is there now)."""
-        try:
-            return f"the last good checkpoint is step {load_state(self.cfg.run_dir / 'checkpoint')['step']}"
-        except HiermemError:
+        try:  # state.json's own seal only: a message need not re-read every checkpoint file
+            step = read_json(self.cfg.run_dir / "checkpoint" / STATE_JSON)["step"]
+            return f"the last good checkpoint is step {step}"
+        except (HiermemError, KeyError, TypeError):
             return "there is no checkpoint yet"
 
     def check_finite(self) -> None:
