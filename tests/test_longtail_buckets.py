@@ -50,3 +50,15 @@ def test_leaf_prior_hand_made():
 def test_leaf_prior_numeric_answers_compare_as_numbers():
     got = leaf_prior(np.array([0]), ["150,000"], ["p"], {"a": 0}, {"a": "150000"})
     assert got.tolist() == [True]
+
+
+def test_accuracy_by_bucket_lists_every_bucket_in_order_with_zero_for_empty_ones():
+    from hiermem_experiments.longtail.buckets import accuracy_by_bucket, bucket_labels
+
+    probes = [{"prompt": "a", "answer": "1", "group": "2"}, {"prompt": "b", "answer": "2", "group": "2"},
+              {"prompt": "c", "answer": "3", "group": "25+"}, {"prompt": "d", "answer": "4", "group": "unseen"}]
+    answers = {"a": "1", "b": "no", "c": "3", "d": "no"}
+    per_bucket, overall = accuracy_by_bucket(probes, lambda recs: [answers[r["prompt"]] for r in recs],
+                                             bucket_labels())
+    assert per_bucket == [0.0, 0.0, 50.0, 0.0, 0.0, 0.0, 100.0]  # unseen, 1, 2, 3-4, 5-9, 10-24, 25+
+    assert overall == 50.0

@@ -29,6 +29,15 @@ def bucket_labels(edges: tuple[int, ...] = BUCKET_EDGES) -> list[str]:
     return labels + [f"{edges[-1]}+"]
 
 
+def accuracy_by_bucket(probes: list[dict], predict, buckets: list[str]) -> tuple[list[float], float]:
+    """Exact match % of `probes` answered by `predict`, per bucket of `buckets` (0 for an empty one), and over
+    all of them: the demo's report rows."""
+    from hiermem.eval.probes import evaluate_probes
+
+    r = evaluate_probes(probes, predict, buckets=buckets, group_of=bucket_of, progress=False)
+    return [r["per_group"].get(b, {}).get("accuracy", 0.0) for b in buckets], r["accuracy"]
+
+
 def bucket_of(frequency: int, edges: tuple[int, ...] = BUCKET_EDGES) -> str:
     """The label of a mention count (see ``bucket_labels``)."""
     if frequency <= 0:

@@ -31,7 +31,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from hiermem.config import Config, load_config, preset_path, read_yaml_mapping
 from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_write_json, atomic_write_text
-from hiermem_experiments.longtail.buckets import bucket_of, leaf_prior
+from hiermem_experiments.longtail.buckets import accuracy_by_bucket, leaf_prior
 from hiermem_experiments.longtail.corpus import LongTailConfig, build_corpus, load_corpus, write_corpus
 from hiermem_experiments.longtail.jobs import evals, run_jobs
 from hiermem_experiments.longtail.rag_rows import evaluate_rag_rows, report_rows
@@ -188,7 +188,6 @@ def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: Dem
     bucket and held-out perplexity (+ routing for memory runs)."""
     from hiermem.eval.evaluate import probe_predictor, routed_perplexity
     from hiermem.eval.inference import MemoryContext
-    from hiermem.eval.probes import evaluate_probes
     from hiermem.eval.run import Run
 
     corpus = load_corpus(out / "corpus")
@@ -220,10 +219,9 @@ def evaluate_job(run_name: str, configs: dict[str, Config], out: Path, spec: Dem
         predict = probe_predictor(run, ctx, spec.max_new_tokens, paths_for=paths_for)
         rec: dict = {}
         for fact in ("population", "country") if row in COUNTRY_ROWS else ("population",):
-            r = evaluate_probes(probes[fact], predict, buckets=corpus.buckets, group_of=bucket_of, progress=False)
             prefix = "" if fact == "population" else "country_"
-            rec[prefix + "accuracy"] = [r["per_group"].get(b, {}).get("accuracy", 0.0) for b in corpus.buckets]
-            rec[prefix + "overall"] = r["accuracy"]
+            rec[prefix + "accuracy"], rec[prefix + "overall"] = accuracy_by_bucket(probes[fact], predict,
+                                                                                   corpus.buckets)
         for kind, key in (("background", "perplexity_real_text"), ("fact", "perplexity_facts")):
             texts = heldout[kind]
             docs = [np.asarray(run.tokenizer.encode(t)) for t in texts]

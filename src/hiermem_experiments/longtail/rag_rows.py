@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from hiermem_experiments.longtail.buckets import bucket_of
+from hiermem_experiments.longtail.buckets import accuracy_by_bucket
 
 RAG_K = 1
 RAG_ROWS = {"rag": ("anchor", "none"), "rag+fetched_knn": ("memory", "fetched")}  # row -> (run, memory)
@@ -25,7 +25,6 @@ def evaluate_rag_rows(run_name: str, run, probes: list[dict], buckets: list[str]
     """The RAG rows of one trained run (none for other runs). knn_paths: the probes' knn paths (memory run)."""
     from hiermem.eval.evaluate import probe_predictor
     from hiermem.eval.inference import MemoryContext
-    from hiermem.eval.probes import evaluate_probes
     from hiermem.eval.rag import make_rag
 
     rows = {}
@@ -36,9 +35,8 @@ def evaluate_rag_rows(run_name: str, run, probes: list[dict], buckets: list[str]
         ctx = MemoryContext(run, mode, "knn")
         paths_for = (lambda recs: knn_paths[[r["_idx"] for r in recs]]) if mode == "fetched" else None
         predict = probe_predictor(run, ctx, max_new_tokens, paths_for=paths_for, rag=make_rag(run, ctx, RAG_K))
-        r = evaluate_probes(probes, predict, buckets=buckets, group_of=bucket_of, progress=False)
-        rows[row] = {"accuracy": [r["per_group"].get(b, {}).get("accuracy", 0.0) for b in buckets],
-                     "overall": r["accuracy"], "perplexity_real_text": None, "perplexity_facts": None,
+        accuracy, overall = accuracy_by_bucket(probes, predict, buckets)
+        rows[row] = {"accuracy": accuracy, "overall": overall, "perplexity_real_text": None, "perplexity_facts": None,
                      "rag_k": RAG_K, "rag_cpu_s": round(time.process_time() - t0, 2)}
     return rows
 
