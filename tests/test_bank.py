@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hiermem.errors import HiermemError
-from hiermem.memory.bank import FORMAT, FORMAT_VERSION, MemoryBank
+from hiermem.memory.bank import FORMAT, FORMAT_VERSION, MemoryBank, _init_block
 from hiermem.memory.fetch import fetch
 from hiermem.memory.files import crc32
 from hiermem.memory.spec import BankSpec
@@ -82,6 +82,25 @@ def test_init_distribution_and_determinism(tmp_path):
     assert_same(arrays(copied), arrays(bank))
     with pytest.raises(HiermemError, match=r"^memory\.ranks: bank has \(16, 8\), config has \(16, 4\)$"):
         MemoryBank.create(BankSpec(d=64, n_layers=2, ranks=(16, 4), branching=4), seed=0, weights_from=bank)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_threaded_init_equals_one_thread(tmp_path, dtype):
+    """create() initialises blocks on torch's threads; every block must be its own generator's, in place."""
+    spec = BankSpec(d=32, n_layers=2, ranks=(8, 4), branching=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = MemoryBank.create(spec, seed=3, dtype=dtype)
+        torch.set_num_threads(4)
+        threaded = MemoryBank.create(spec, seed=3, dtype=dtype)
+        on_disk = MemoryBank.create(spec, seed=3, dtype=dtype, dir=tmp_path / "bank")
+    finally:
+        torch.set_num_threads(before)
+    for k in serial.parts():
+        assert torch.equal(threaded.part(k), serial.part(k)) and torch.equal(on_disk.read_part(k), serial.part(k))
+    if dtype == "float32":  # (bf16 rounds each block stochastically on its own seed: compared above)
+        assert torch.equal(serial.part("level1")[9], _init_block(spec, 3, "level1", 9))
 
 
 def test_read_and_write_blocks():

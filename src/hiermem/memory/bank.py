@@ -55,6 +55,23 @@ def _init_block(spec: BankSpec, seed: int, key: str, i: int) -> torch.Tensor:
     return block
 
 
+def _in_parallel(make, n: int, threads: int, window: int = 64):
+    """(i, make(i)) for i in 0..n-1, in order, computed by `threads` threads (torch's kernels release the GIL).
+    Each block has its own generator, so the values are a serial loop's; at most `window` blocks are in flight,
+    so an on-disk bank is never held in RAM whole. (The paper's 4.6B-parameter bank takes about 3 minutes to
+    initialise on one thread.)"""
+    workers = max(1, min(threads, n))
+    if workers == 1:
+        yield from ((i, make(i)) for i in range(n))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="hiermem-init") as pool:
+        for a in range(0, n, window):
+            ids = range(a, min(n, a + window))
+            yield from zip(ids, pool.map(make, ids))
+
+
 def _check_verify(verify: str) -> None:
     if verify not in VERIFY:
         raise ValueError(f"verify must be 'fetch', 'all' or 'none', got {verify!r}")
@@ -105,6 +122,8 @@ class MemoryBank:
         if weights_from is not None:
             weights_from.check_compatible(spec)
 
+        threads = 1 if weights_from is not None else torch.get_num_threads()  # (a bank's reads are not threaded)
+
         def block(key: str, i: int) -> torch.Tensor:  # [1, *block] in the storage dtype
             w = (weights_from.read_blocks(key, torch.tensor([i])) if weights_from is not None
                  else _init_block(spec, seed, key, i)[None])
@@ -115,8 +134,8 @@ class MemoryBank:
             for key in spec.part_keys():
                 shape = spec.part_shape(key)
                 arrays[key] = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
-                for i in range(shape[0]):
-                    arrays[key][i] = block(key, i)[0]
+                for i, b in _in_parallel(lambda i, key=key: block(key, i), shape[0], threads):
+                    arrays[key][i] = b[0]
             return cls(spec, arrays, {k: np.zeros(len(a), np.uint32) for k, a in arrays.items()})
         from hiermem.memory.disk import DiskBank  # (disk.py builds on this module)
 
@@ -125,8 +144,8 @@ class MemoryBank:
             raise HiermemError(f"{dir}: already holds a memory bank; refusing to overwrite it")
         store = BlockStore.create(dir, spec, dtype, state=True)
         for key in spec.part_keys():
-            for i in range(spec.part_shape(key)[0]):
-                store.write(key, i, as_bytes(block(key, i)))  # weights only: the moments stay holes, zeros
+            for i, b in _in_parallel(lambda i, key=key: block(key, i), spec.part_shape(key)[0], threads):
+                store.write(key, i, as_bytes(b))  # weights only: the moments stay holes, zeros
         store.commit(0, store.writes)
         store.publish()
         return DiskBank(store, cache_bytes=cache_bytes, prefetch=prefetch)
