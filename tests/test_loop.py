@@ -233,6 +233,19 @@ def test_finished_run_files(make):
     assert summary["parameters"]["fetched"] == 3 * 64 * 2 * 16  # 3 parts x d x layers x (8 + 8)
 
 
+def test_a_run_without_checkpoints_writes_only_its_metrics(make):
+    """train.checkpoint=false (throughput runs at scale): the same losses, no checkpoint, no model files."""
+    kept = make("kept", "train.mode=scratch", "train.max_steps=3", "train.log_every=1")
+    bare = make("bare", "train.mode=scratch", "train.max_steps=3", "train.log_every=1", "train.checkpoint=false")
+    assert train(bare, progress=False)["steps"] == 3
+    train(kept, progress=False)
+    assert losses(bare.run_dir) == losses(kept.run_dir)
+    assert not any((bare.run_dir / n).exists() for n in ("checkpoint", "anchor.safetensors", "bank"))
+    assert (bare.run_dir / "train_summary.json").is_file()
+    with pytest.raises(HiermemError, match=r"^config: train\.ckpt_every=2 needs train\.checkpoint=true$"):
+        make("x", "train.checkpoint=false", "train.ckpt_every=2")
+
+
 # --- (2) frozen and (3) cotrain update exactly what they should -------------------------------------------
 
 

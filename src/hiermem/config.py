@@ -176,6 +176,9 @@ class TrainConfig:
     threads: int = setting(0, "torch threads on CPU; 0 = torch's default")
     log_every: int = setting(10, "optimizer steps between metrics lines", min=1)
     ckpt_every: int = setting(0, "optimizer steps between checkpoints; 0 = only at the end", min=0)
+    checkpoint: bool = setting(True, "false: write no checkpoint and no final model, only metrics.jsonl and "
+                               "train_summary.json (throughput runs at scale: the paper's bank with its moments is "
+                               "~55 GB a checkpoint)")
     compile: bool = setting(False, "torch.compile each transformer block")
     parallel: str = setting("ddp", "anchor parallelism under torchrun: ddp (replicated) | fsdp (fully_shard, for "
                             "anchors too large to replicate)", choices=("ddp", "fsdp"))
@@ -376,6 +379,8 @@ def validate(cfg: Config) -> Config:
         raise HiermemError(f"config: memory.lora_alpha must be > 0 (got {mem.lora_alpha})")
     if t.mode != "anchor" and not any(x > 0 for x in mem.ranks):
         raise HiermemError(f"config: train.mode={t.mode} needs memory.ranks with a non-zero level")
+    if not t.checkpoint and t.ckpt_every:
+        raise HiermemError(f"config: train.ckpt_every={t.ckpt_every} needs train.checkpoint=true")
     if cfg.data.packing == "flat" and t.mode != "anchor":
         raise HiermemError(f"config: data.packing=flat cannot feed train.mode={t.mode}: memory runs pack by leaf")
     return cfg

@@ -600,7 +600,7 @@ class Trainer:
 
     def _stop(self, signum: int, saved: bool) -> None:
         """A clean stop: the checkpoint (unless this step just wrote one), within train.stop_timeout_s."""
-        if not saved:
+        if not saved and self.cfg.train.checkpoint:
             limit = self.cfg.train.stop_timeout_s
             with deadline(limit, lambda: f"the checkpoint at step {self.step} took longer than train.stop_timeout_s="
                           f"{limit} s: stopped without it; {self.last_good()}; resume with --resume",
@@ -661,9 +661,12 @@ class Trainer:
                     bar.close()
                     self._stop(signum, saved)
         bar.close()
-        self.save_checkpoint()
-        if self.step >= self.steps:
-            self.save_final()
+        if t.checkpoint:
+            self.save_checkpoint()
+            if self.step >= self.steps:
+                self.save_final()
+        else:
+            self.check_finite()  # what a checkpoint would have checked
         summary = {"steps": self.step, "total_steps": self.steps, "tokens_seen": self.tokens_seen,
                    "elapsed_s": round(self.elapsed, 2), "final_loss": last.get("loss"),
                    "parameters": parameter_report(cfg), "world_size": self.world.size,
