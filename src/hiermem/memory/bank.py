@@ -129,12 +129,15 @@ class MemoryBank:
                  else _init_block(spec, seed, key, i)[None])
             return to_storage(w, dtype, key, np.array([i]), np.zeros(1, np.int64))
 
+        def blocks(key: str):  # (i, block(key, i)) for every block of part key, in order
+            return _in_parallel(lambda i: block(key, i), spec.part_shape(key)[0], threads)
+
         if dir is None:
             arrays = {}
             for key in spec.part_keys():
                 shape = spec.part_shape(key)
                 arrays[key] = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
-                for i, b in _in_parallel(lambda i, key=key: block(key, i), shape[0], threads):
+                for i, b in blocks(key):
                     arrays[key][i] = b[0]
             return cls(spec, arrays, {k: np.zeros(len(a), np.uint32) for k, a in arrays.items()})
         from hiermem.memory.disk import DiskBank  # (disk.py builds on this module)
@@ -144,7 +147,7 @@ class MemoryBank:
             raise HiermemError(f"{dir}: already holds a memory bank; refusing to overwrite it")
         store = BlockStore.create(dir, spec, dtype, state=True)
         for key in spec.part_keys():
-            for i, b in _in_parallel(lambda i, key=key: block(key, i), spec.part_shape(key)[0], threads):
+            for i, b in blocks(key):
                 store.write(key, i, as_bytes(b))  # weights only: the moments stay holes, zeros
         store.commit(0, store.writes)
         store.publish()
