@@ -177,8 +177,8 @@ class TrainConfig:
     log_every: int = setting(10, "optimizer steps between metrics lines", min=1)
     ckpt_every: int = setting(0, "optimizer steps between checkpoints; 0 = only at the end", min=0)
     checkpoint: bool = setting(True, "false: write no checkpoint and no final model, only metrics.jsonl and "
-                               "train_summary.json (throughput runs at scale: the paper's bank with its moments is "
-                               "~55 GB a checkpoint)")
+                               "train_summary.json (and, with memory.mmap, the bank's working files): throughput "
+                               "runs at scale, where the paper's bank with its moments is ~55 GB a checkpoint")
     compile: bool = setting(False, "torch.compile each transformer block")
     parallel: str = setting("ddp", "anchor parallelism under torchrun: ddp (replicated) | fsdp (fully_shard, for "
                             "anchors too large to replicate)", choices=("ddp", "fsdp"))
