@@ -60,3 +60,46 @@ def test_rerun_reuses_every_cached_stage(quick_demo, capsys):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert (quick_demo / "report.json").read_bytes() == before
     assert capsys.readouterr().out.strip() == (quick_demo / "report.txt").read_text().strip()
+
+
+TINY_DEMO = """preset: tiny
+overrides: [model.n_layers=2, model.d_model=32, model.n_heads=2, model.head_dim=16, model.d_ff=64,
+            model.max_seq_len=64, data.seq_len=64, data.vocab_size=512, routing.encoder=wordllama,
+            routing.branching=4, "memory.ranks=[8,8]", train.batch_size=8, train.device=cpu]
+epochs: 2
+phase1_epochs: 1
+dense: [model.d_model=48, model.n_heads=3, model.d_ff=96]
+corpus: {n_entities: 40, n_unseen: 5, head_mentions: 10, n_background: 30, n_heldout_background: 5,
+         n_heldout_facts: 10}
+"""
+
+
+def test_stages_split_the_demo_between_the_encoders_machine_and_a_gpu_machine(tmp_path, capsys):
+    """--stage data clusters; --stage train then runs the trainings alone, in an interpreter without the encoders,
+    faiss or the corpus packages (as on a bare GPU machine); the whole demo afterwards only evaluates. ~1 min."""
+    import subprocess
+    import sys
+
+    from device_env import without_absent_packages
+
+    preset, out = tmp_path / "tiny.yaml", tmp_path / "out"
+    preset.write_text(TINY_DEMO)
+    args = ["demo", "--preset", str(preset), "--out", str(out), "--quiet"]
+    assert main([*args, "--stage", "train"]) == 2
+    assert f"demo: {out}: not clustered yet (cluster): run `hiermem demo --stage data`" in capsys.readouterr().err
+    assert main([*args, "--stage", "data"]) == 0
+    assert (out / "data" / "cluster" / "cluster.json").is_file() and not (out / "runs").exists()
+    proc = subprocess.run([sys.executable, "-m", "hiermem", *args, "--stage", "train"], capture_output=True,
+                          text=True, env=without_absent_packages(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "train_report.json").read_text())
+    assert set(report["runs"]) == {"anchor", "phase1", "memory", "dense2x"} and report["device"] == "CPU"
+    for name, r in report["runs"].items():
+        summary = json.loads((out / "runs" / name / "train_summary.json").read_text())
+        assert (r["steps"], r["tokens_seen"]) == (summary["steps"], summary["tokens_seen"]) and r["job_wall_s"] > 0
+    assert not (out / "eval").exists() and not (out / "report.json").exists()
+    assert main(args) == 0  # the whole demo: data and trainings are reused, the evaluations run
+    full = json.loads((out / "report.json").read_text())
+    assert all(full["job_wall_s"][n] == 0 for n in report["runs"]) and full["job_wall_s"]["eval_memory"] > 0
+    assert main([*args, "--stage", "data", "--ablation", "kind"]) == 2
+    assert "--stage data runs no ablation" in capsys.readouterr().err

@@ -246,6 +246,25 @@ def test_a_run_without_checkpoints_writes_only_its_metrics(make):
         make("x", "train.checkpoint=false", "train.ckpt_every=2")
 
 
+def test_profile_steps_write_the_operator_table_and_change_nothing_trained(make):
+    """train.profile_steps=[1, 3): torch.profiler over steps 2..3, the table in <run>/profile.txt; the losses are
+    the unprofiled run's. A window past the run's end is closed at its last step."""
+    plain = make("plain", "train.mode=scratch", "train.max_steps=4", "train.log_every=1", "train.checkpoint=false")
+    profiled = make("prof", "train.mode=scratch", "train.max_steps=4", "train.log_every=1", "train.checkpoint=false",
+                    "train.profile_steps=[1,3]")
+    train(plain, progress=False)
+    train(profiled, progress=False)
+    assert losses(profiled.run_dir) == losses(plain.run_dir)
+    table = (profiled.run_dir / "profile.txt").read_text()
+    assert table.startswith("steps 2..3, sorted by self_cpu_time_total\n") and "aten::" in table
+    late = make("late", "train.max_steps=2", "train.checkpoint=false", "train.profile_steps=[1,10]")
+    train(late, progress=False)
+    assert (late.run_dir / "profile.txt").read_text().startswith("steps 2..2,")
+    with pytest.raises(HiermemError, match=r"^config: train\.profile_steps must be \[start, end\) with 0 <= start "
+                                           r"< end \(got \[3, 3\]\)$"):
+        make("x", "train.profile_steps=[3,3]")
+
+
 # --- (2) frozen and (3) cotrain update exactly what they should -------------------------------------------
 
 

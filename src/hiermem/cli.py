@@ -176,12 +176,14 @@ def cmd_demo(args) -> None:
         raise HiermemError(f"demo: --quick means --preset demo-quick, not --preset {args.preset}")
     preset = "demo-quick" if args.quick else args.preset or DEFAULT_PRESET
     spec = dataclasses.replace(load_spec(preset), user_overrides=tuple(args.overrides))
+    if args.ablation and args.stage != "all":
+        raise HiermemError(f"demo: --stage {args.stage} runs no ablation (give --ablation without --stage)")
     if args.ablation:
         from hiermem_experiments.longtail.ablations import run_ablation
 
         run_ablation(args.ablation, preset, out=args.out, jobs=args.jobs, progress=not args.quiet, spec=spec)
         return
-    run_demo(preset, out=args.out, jobs=args.jobs, progress=not args.quiet, spec=spec)
+    run_demo(preset, out=args.out, jobs=args.jobs, progress=not args.quiet, spec=spec, stage=args.stage)
 
 
 def cmd_corpus(args) -> None:
@@ -205,7 +207,10 @@ def cmd_bench(args) -> None:
     chaos = {k: v for k, v in (("trials", args.trials), ("seed", args.seed)) if v is not None}
     if chaos and args.suite != "chaos":
         raise HiermemError(f"bench: --trials and --seed are options of --suite chaos, not {args.suite}")
-    run_suite(args.suite, out=args.out, quick=args.quick, **options, **chaos)
+    loop = {k: v for k, v in (("stage", args.stage), ("steps", args.steps)) if v is not None}
+    if loop and args.suite != "loop":
+        raise HiermemError(f"bench: --stage and --steps are options of --suite loop, not {args.suite}")
+    run_suite(args.suite, out=args.out, quick=args.quick, **options, **chaos, **loop)
 
 
 # -- `hiermem bank`: a trained run's bank, block by block (memory/edit.py); the run-level steps live here, the
@@ -433,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "generic_prob, placement (layers holding memory), common_text (settings against held-out "
                         "text); output in <out>/ablations/NAME")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes")
+    p.add_argument("--stage", default="all", choices=("all", "data", "train"),
+                   help="all (default); data: build, prepare and cluster the corpus, then stop; train: the "
+                        "trainings alone on a clustered --out (no encoder, no evaluation; e.g. on a GPU machine "
+                        "given the folder that --stage data made), reported in <out>/train_report.json")
     p.add_argument("overrides", nargs="*", help="dot-list overrides for every run, e.g. routing.encoder=wordllama")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
@@ -448,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     from hiermem.bench import SUITES
 
     p = sub.add_parser("bench", help="benchmark suites (train: the trainer's step, anchor vs memory; "
-                       "data: prepare/cluster at 1x/2x/4x corpus), JSON + table")
+                       "loop: `hiermem train` itself; data: prepare/cluster at 1x/2x/4x corpus; ...), JSON + table")
     p.add_argument("--suite", default="train", choices=sorted(SUITES))
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--quick", action="store_true")
@@ -457,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data: the encoder cluster runs (default wordllama)")
     p.add_argument("--trials", type=int, default=None, help="chaos: killed runs per mode (default 6; --quick 2)")
     p.add_argument("--seed", type=int, default=None, help="chaos: seed of the kill times and crash points")
+    p.add_argument("--stage", choices=("all", "data", "train"), default=None,
+                   help="loop: data (corpus, prepare, cluster, pack: where the encoder is), train (the trainings, "
+                        "on the GPU machine given that data) or all (default)")
+    p.add_argument("--steps", type=int, default=None, help="loop: steps per training (default 60; --quick 12)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bank", help="inspect or edit a trained run's memory bank, block by block")

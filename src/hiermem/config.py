@@ -180,6 +180,8 @@ class TrainConfig:
                                "train_summary.json (and, with memory.mmap, the bank's working files): throughput "
                                "runs at scale, where the paper's bank with its moments is ~55 GB a checkpoint")
     compile: bool = setting(False, "torch.compile each transformer block")
+    profile_steps: List[int] = setting([], "[start, end): torch.profiler over steps start+1 .. end, its operator "
+                                       "table in <run>/profile.txt (rank 0); [] = off")
     parallel: str = setting("ddp", "anchor parallelism under torchrun: ddp (replicated) | fsdp (fully_shard, for "
                             "anchors too large to replicate)", choices=("ddp", "fsdp"))
     dist_timeout_s: int = setting(300, "seconds a collective waits for the other processes before the job "
@@ -379,6 +381,9 @@ def validate(cfg: Config) -> Config:
         raise HiermemError(f"config: memory.lora_alpha must be > 0 (got {mem.lora_alpha})")
     if t.mode != "anchor" and not any(x > 0 for x in mem.ranks):
         raise HiermemError(f"config: train.mode={t.mode} needs memory.ranks with a non-zero level")
+    if t.profile_steps and (len(t.profile_steps) != 2 or not 0 <= t.profile_steps[0] < t.profile_steps[1]):
+        raise HiermemError(f"config: train.profile_steps must be [start, end) with 0 <= start < end (got "
+                           f"{list(t.profile_steps)})")
     if not t.checkpoint and t.ckpt_every:
         raise HiermemError(f"config: train.ckpt_every={t.ckpt_every} needs train.checkpoint=true")
     if cfg.data.packing == "flat" and t.mode != "anchor":

@@ -9,6 +9,7 @@ import importlib
 # name -> "module" (its run()) or "module:function"
 SUITES = {
     "train": "hiermem.bench.train_throughput",  # the trainer's step: anchor vs anchor + memory
+    "loop": "hiermem.bench.train_loop",  # `hiermem train` itself at the paper-160m shape (CUDA): tok/s, MFU
     "data": "hiermem.bench.data_scale",  # prepare + cluster throughput and peak memory at 1x, 2x, 4x corpus
     "scale": "hiermem.bench.bank_scale",  # training with the bank + optimizer state on disk vs in RAM
     "fetch": "hiermem.bench.bank_scale:run_fetch",  # one path from disk, cold and warm, vs a raw read

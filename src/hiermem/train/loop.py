@@ -69,6 +69,7 @@ from hiermem.train.checkpoint import (RUN_FORMAT_VERSION, STATE_JSON, load_state
 from hiermem.train.parallel import (collective_errors, full_model_state, full_optimizer_state, init_world,
                                     is_sharded, load_optimizer_state, wrap_anchor)
 from hiermem.train.flops import flops_per_token, peak_flops
+from hiermem.train.profile import StepProfiler
 from hiermem.train.step import TrainStep, anchor_optimizer, bank_optimizer
 from hiermem.train.stop import StopSignals, Stopped, deadline, exit_code
 
@@ -81,7 +82,7 @@ def total_steps(cfg: Config, n_sequences: int) -> int:
 
 
 # train.* keys a resumed run may change: how the run is spread over processes, and how it reacts to a signal
-RESUME_FREE = ("parallel", "dist_timeout_s", "data_shards", "stop_timeout_s")
+RESUME_FREE = ("parallel", "dist_timeout_s", "data_shards", "stop_timeout_s", "profile_steps")
 PARTIAL = ("bank", "checkpoint", "metrics.jsonl", "anchor.safetensors")  # what a run writes after its config
 
 
@@ -621,12 +622,18 @@ class Trainer:
         io_before = self.bank.io_stats() if self.bank is not None else {}
         prefetch = self._prefetcher()
         flop_model = self._flop_model()
+        profiler = (StepProfiler(t.profile_steps, cfg.run_dir / "profile.txt", self.device)
+                    if t.profile_steps and main else None)
         with open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as metrics:
             while self.step < end:
+                if profiler is not None:
+                    profiler.before(self.step)
                 t0 = time.perf_counter()
                 prefetch()
                 out = self.advance(self._indices(batches, self.step))
                 self.elapsed += time.perf_counter() - t0
+                if profiler is not None:
+                    profiler.after(self.step, last=self.step == end)
                 bar.update(1)
                 logged = self.step % t.log_every == 0 or self.step == end
                 if logged:  # the only host syncs of the loop

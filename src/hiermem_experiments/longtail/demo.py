@@ -33,7 +33,7 @@ from hiermem.errors import HiermemError
 from hiermem.io_utils import atomic_write_json, atomic_write_text
 from hiermem_experiments.longtail.buckets import accuracy_by_bucket, leaf_prior
 from hiermem_experiments.longtail.corpus import LongTailConfig, build_corpus, load_corpus, write_corpus
-from hiermem_experiments.longtail.jobs import evals, run_jobs
+from hiermem_experiments.longtail.jobs import evals, run_jobs, trainings
 from hiermem_experiments.longtail.rag_rows import evaluate_rag_rows, report_rows
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -290,10 +290,43 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+STAGES = ("all", "data", "train")  # data: corpus, prepare, cluster (the encoder); train: the trainings alone
+
+
+def training_report(configs: dict[str, Config], names, out: Path, wall: dict[str, float], quiet: bool) -> dict:
+    """--stage train: each training's steps, tokens, time and last loss (train_summary.json), its wall time as a
+    job (0 when cached) and the device it ran on, into <out>/train_report.json (printed unless quiet)."""
+    import torch
+
+    from hiermem.bench.table import print_rows
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    runs = {}
+    for name in names:
+        s = json.loads((configs[name].run_dir / "train_summary.json").read_text())
+        runs[name] = {"steps": s["steps"], "tokens_seen": s["tokens_seen"], "elapsed_s": s["elapsed_s"],
+                      "tok_per_s": s["tokens_seen"] / max(1e-9, s["elapsed_s"]), "final_loss": s["final_loss"],
+                      "job_wall_s": round(wall.get(name, 0.0), 1)}
+    report = {"stage": "train", "device": device, "torch": torch.__version__, "runs": runs,
+              "total_job_wall_s": round(sum(wall.values()), 1)}
+    atomic_write_json(out / "train_report.json", report)
+    if not quiet:
+        rows = [("training", "steps", "tokens", "train s", "tok/s", "job wall s", "last loss")]
+        rows += [(n, str(r["steps"]), f"{r['tokens_seen']:,}", f"{r['elapsed_s']:.1f}", f"{r['tok_per_s']:,.0f}",
+                  f"{r['job_wall_s']:.1f}", f"{r['final_loss']:.3f}") for n, r in runs.items()]
+        print_rows(rows)
+        print(f"\n{device}; wall time of the jobs {report['total_job_wall_s']:.0f} s (0 = cached); wrote "
+              f"{out / 'train_report.json'}")
+    return report
+
+
 def run_demo(preset: str = DEFAULT_PRESET, out: str | None = None, jobs: int = 2, progress: bool = True,
-             spec: DemoSpec | None = None, quiet: bool = False) -> dict:
+             spec: DemoSpec | None = None, quiet: bool = False, stage: str = "all") -> dict:
     """Build (or reuse) the corpus, run every job of `spec` (default: the preset's) and write the report
-    (printed unless quiet)."""
+    (printed unless quiet). stage=data stops once the data is clustered; stage=train then runs the trainings
+    alone (no encoder, no evaluation: for a GPU machine given the clustered output folder) and reports them."""
+    if stage not in STAGES:
+        raise HiermemError(f"demo: --stage must be one of {', '.join(STAGES)}, got {stage!r}")
     from hiermem.data.prepare import prepare
     from hiermem.data.tokenizer import resolve_vocab
     from hiermem.memory.spec import parameter_report
@@ -312,7 +345,14 @@ def run_demo(preset: str = DEFAULT_PRESET, out: str | None = None, jobs: int = 2
     tok = prepare(configs["anchor"]).tokenizer()
     for cfg in configs.values():  # resolve model.vocab_size now, so cached runs compare equal to their configs
         resolve_vocab(cfg, tok)
-    wall, cpu = run_jobs(configs, out, spec, jobs, progress)
+    only = {"data": {"cluster"}, "train": set(trainings(spec))}.get(stage)
+    wall, cpu = run_jobs(configs, out, spec, jobs, progress, only=only)
+    if stage == "data":
+        if not quiet:
+            print(f"{out / 'data'}: prepared and clustered; train with --stage train --out {out}")
+        return {"stage": "data", "data_dir": str(out / "data")}
+    if stage == "train":
+        return training_report(configs, trainings(spec), out, wall, quiet)
     if not any(wall.values()) and (out / "report.json").is_file():  # nothing ran: the report stands as it is
         report = json.loads((out / "report.json").read_text())
         if not quiet:

@@ -124,10 +124,11 @@ def _reap(proc: subprocess.Popen) -> float | None:
 
 
 def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int,
-             progress: bool) -> tuple[dict[str, float], dict[str, float]]:
+             progress: bool, only: set[str] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Run clustering, trainings and evaluations as subprocesses, dependencies first, critical path first.
-    A training whose run directory is stale (another config) is retrained from scratch.
-    Returns each job's wall seconds and CPU seconds (0 for cached jobs)."""
+    A training whose run directory is stale (another config) is retrained from scratch. `only`: run just these
+    jobs; another job one of them waits for must be done already. Returns each job's wall seconds and CPU
+    seconds (0 for cached jobs)."""
     (out / "configs").mkdir(parents=True, exist_ok=True)
     for old in (out / "configs").glob("*.yaml"):  # a training the spec no longer has (e.g. anchor_staged)
         if old.stem not in configs:
@@ -138,14 +139,22 @@ def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int,
     atomic_write_json(out / "spec.json", json.loads(json.dumps(spec_dict, default=list)))
     graph = depends(spec)
     done = {n for n in graph if _done(n, configs, out)}
+    if only is not None:
+        missing = sorted({d for n in only for d in graph[n] if d not in only and d not in done})
+        if missing:
+            raise HiermemError(f"demo: {out}: not clustered yet ({', '.join(missing)}): run `hiermem demo "
+                               f"--stage data` with this --out first, where the encoder is")
+        graph = {n: [d for d in graph[n] if d in only] for n in graph if n in only}
+        done &= set(graph)
     for n in trainings(spec):
-        if n not in done and configs[n].run_dir.exists():
+        if n in graph and n not in done and configs[n].run_dir.exists():
             shutil.rmtree(configs[n].run_dir)  # stale or interrupted: start it again
 
     def command(n: str) -> str:
         return f"from hiermem_experiments.longtail.jobs import _job_main; _job_main({n!r}, {str(out)!r})"
 
-    return schedule(graph, job_costs(spec), done, command, lambda n: _progress(n, configs), out / "logs", jobs,
+    cost = {n: c for n, c in job_costs(spec).items() if n in graph}
+    return schedule(graph, cost, done, command, lambda n: _progress(n, configs), out / "logs", jobs,
                     progress, "demo jobs")
 
 
