@@ -55,6 +55,17 @@ def job_costs(spec: DemoSpec) -> dict[str, float]:
     return {n: cost[n] for n in depends(spec)}
 
 
+def job_entry(name: str, out: str) -> int:
+    """A worker's exit code: 0, or a HiermemError's (its message one line on stderr, as the command line prints
+    it: the scheduler reports the log's last line; a stop by SIGTERM is 143, not a traceback)."""
+    try:
+        _job_main(name, out)
+    except HiermemError as e:
+        print(f"{getattr(e, 'prefix', 'error: ')}{e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
 def _job_main(name: str, out: str) -> None:
     """Entry point of a worker process (one thread): the clustering stage, a training or an evaluation."""
     import torch
@@ -151,7 +162,8 @@ def run_jobs(configs: dict[str, Config], out: Path, spec: DemoSpec, jobs: int,
             shutil.rmtree(configs[n].run_dir)  # stale or interrupted: start it again
 
     def command(n: str) -> str:
-        return f"from hiermem_experiments.longtail.jobs import _job_main; _job_main({n!r}, {str(out)!r})"
+        return (f"import sys; from hiermem_experiments.longtail.jobs import job_entry; "
+                f"sys.exit(job_entry({n!r}, {str(out)!r}))")
 
     cost = {n: c for n, c in job_costs(spec).items() if n in graph}
     return schedule(graph, cost, done, command, lambda n: _progress(n, configs), out / "logs", jobs,
