@@ -226,8 +226,9 @@ class DataDir:
         groups = paths = None
         depth = 0
         if doc_paths is not None:
-            groups = doc_paths[doc_index, -1]
-            paths = {int(l): tuple(int(x) for x in doc_paths[i]) for i, l in zip(doc_index, groups)}
+            groups = np.asarray(doc_paths[doc_index, -1])
+            leaves, first = np.unique(groups, return_index=True)  # a leaf's path is any of its documents'
+            paths = dict(zip(leaves.tolist(), map(tuple, np.asarray(doc_paths[doc_index[first]]).tolist())))
             depth = doc_paths.shape[1]
         store = self.doc_tokens()
         check_files([self.path / "doc_tokens" / n for n in ("tokens.npy", "offsets.npy")], "token store", full=True)

@@ -82,7 +82,7 @@ def load_clustering(data: DataDir, cfg: Config, required: bool) -> Clustering | 
     files = meta.get("checksums", {}).get("files", {})
     try:
         check_file(folder / "tree.npz", "routing tree", entry=files.get("tree.npz"))
-        check_file(folder / "doc_paths.npy", "document paths", entry=files.get("doc_paths.npy"))  # read whole
+        check_file(folder / "doc_paths.npy", "document paths", entry=files.get("doc_paths.npy"))
         emb = meta["embeddings"]  # read row by row (the knn router): its size here, in full by hiermem verify
         check_file(data.path / emb, "embedding cache", full=False, entry=files.get(emb))
         tree = Tree.load(folder / "tree.npz")
@@ -91,7 +91,8 @@ def load_clustering(data: DataDir, cfg: Config, required: bool) -> Clustering | 
             raise HiermemError(f"{e} (run `hiermem cluster` again)") from None
         print(f"warning: {e}; clustering again", file=sys.stderr)
         return None
-    return Clustering(tree, np.load(folder / "doc_paths.npy"), data.path / meta["embeddings"], meta)
+    # memory-mapped: a billion documents' paths are 32 GB; training reads its documents' leaves, once
+    return Clustering(tree, np.load(folder / "doc_paths.npy", mmap_mode="r"), data.path / meta["embeddings"], meta)
 
 
 def read_clustering_report(path: Path) -> dict:
