@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from device_env import without_absent_packages
-from hiermem.bench.train_loop import run, steady
+from hiermem.bench.train_loop import hiermem, run, steady
 from hiermem.errors import HiermemError
 from hiermem.integrity import unseal
 
@@ -86,3 +86,12 @@ def test_loop_options_belong_to_the_loop_suite(capsys):
 
     assert main(["bench", "--suite", "train", "--stage", "data"]) == 2
     assert "--stage and --steps are options of --suite loop" in capsys.readouterr().err
+
+
+def test_a_failed_hiermem_command_is_one_line_quoting_its_log(tmp_path):
+    log = tmp_path / "train.log"
+    with pytest.raises(HiermemError) as err:
+        hiermem(["train", "-c", "no-such-preset"], log)
+    msg = str(err.value)
+    assert msg.startswith(f"bench loop: `hiermem train` failed (log: {log}): error: ") and "no-such-preset" in msg
+    assert "\n" not in msg

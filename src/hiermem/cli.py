@@ -23,6 +23,13 @@ def _config(args):
     return load_config(args.config, args.overrides)
 
 
+def print_error(e: HiermemError) -> int:
+    """A HiermemError on stderr as the command line shows it, and its exit code: one line even when the message
+    quotes a path or id holding a line break; a clean stop (train/stop.py) has no "error: " prefix."""
+    print(f"{getattr(e, 'prefix', 'error: ')}{C.printable(str(e))}", file=sys.stderr)
+    return e.exit_code
+
+
 def _stage_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     """A command that builds its config from a preset and overrides; --help lists every config field."""
     p = sub.add_parser(name, help=help, description=help, epilog=C.fields_help(),
@@ -455,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_corpus)
 
     from hiermem.bench import SUITES
+    from hiermem.bench.train_loop import STAGES as LOOP_STAGES
 
     p = sub.add_parser("bench", help="benchmark suites (train: the trainer's step, anchor vs memory; "
                        "loop: `hiermem train` itself; data: prepare/cluster at 1x/2x/4x corpus; ...), JSON + table")
@@ -466,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data: the encoder cluster runs (default wordllama)")
     p.add_argument("--trials", type=int, default=None, help="chaos: killed runs per mode (default 6; --quick 2)")
     p.add_argument("--seed", type=int, default=None, help="chaos: seed of the kill times and crash points")
-    p.add_argument("--stage", choices=("all", "data", "train"), default=None,
+    p.add_argument("--stage", choices=LOOP_STAGES, default=None,
                    help="loop: data (corpus, prepare, cluster, pack: where the encoder is), train (the trainings, "
                         "on the GPU machine given that data) or all (default)")
     p.add_argument("--steps", type=int, default=None, help="loop: steps per training (default 60; --quick 12)")
@@ -512,10 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)  # hiermem verify returns 1 when it found damage; the others return nothing
     except HiermemError as e:
-        # one line even when the message quotes a path or id holding a line break; a clean stop
-        # (train/stop.py) has no "error: " prefix
-        print(f"{getattr(e, 'prefix', 'error: ')}{C.printable(str(e))}", file=sys.stderr)
-        return e.exit_code
+        return print_error(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

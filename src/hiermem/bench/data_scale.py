@@ -48,8 +48,10 @@ from pathlib import Path
 import numpy as np
 
 from hiermem.data.wiki import wiki_leads
-from hiermem.errors import HiermemError
+from hiermem.errors import HiermemError, last_line
 from hiermem.io_utils import atomic_open, atomic_path, atomic_write_json
+
+WORD = re.compile(r"[^\W_](?:[\w'-]*\w)?")  # a word of the leads: letters and digits, inner ' and -
 
 SCALES = (1, 2, 4)
 STAGES = ("prepare", "cluster")
@@ -144,7 +146,7 @@ def load_word_source() -> WordSource:
     lead_words, lead_sentences = [], []
     for title in sorted(leads):
         text = " ".join(str(leads[title].get("extract") or "").split())
-        words = re.findall(r"[^\W_](?:[\w'-]*\w)?", text)
+        words = WORD.findall(text)
         if len(words) < 8:
             continue
         ids = []
@@ -331,8 +333,8 @@ def run_stage(stage: str, overrides: list[str], log: Path) -> dict:
             rc = proc.wait()
     wall = time.perf_counter() - t0
     if rc != 0 or not timing.is_file():
-        tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or ["no output"]
-        raise HiermemError(f"bench data: `hiermem {stage}` exited {rc}: {tail[0][:300]} (log: {log})")
+        raise HiermemError(f"bench data: `hiermem {stage}` exited {rc}: {last_line(log, 'no output')[:300]} "
+                           f"(log: {log})")
     t = json.loads(timing.read_text())
     return {"seconds": t["seconds"], "cpu_s": t["cpu_s"], "process_s": wall,
             "peak_rss_anon_mb": rss.peak / 2**20, "samples": rss.samples, "max_procs": rss.max_procs}

@@ -33,7 +33,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import re
+import shutil
 import subprocess
 import sys
 import time
@@ -41,13 +41,12 @@ from collections import Counter
 from pathlib import Path
 
 from hiermem.bench.table import print_rows
-from hiermem.errors import HiermemError
+from hiermem.errors import HiermemError, last_line
 from hiermem.integrity import unseal
 from hiermem.io_utils import atomic_write_json
 
 STAGES = ("all", "data", "train")
 EOS, UNK = "<|endoftext|>", "<unk>"
-WORD = re.compile(r"[^\W_](?:[\w'-]*\w)?")  # the data suite's word (bench/data_scale.py)
 
 # shape -> (preset, overrides of both stages, data: words per document, documents at most, variants)
 SHAPES = {
@@ -76,8 +75,7 @@ def hiermem(args: list[str], log: Path) -> float:
         rc = subprocess.run([sys.executable, "-m", "hiermem", *args], stdout=f, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
     if rc != 0:
-        lines = log.read_text(errors="replace").strip().splitlines() or ["(no output)"]
-        raise HiermemError(f"bench loop: `hiermem {args[0]}` failed (log: {log}): {lines[-1]}")
+        raise HiermemError(f"bench loop: `hiermem {args[0]}` failed (log: {log}): {last_line(log)}")
     return time.perf_counter() - t0
 
 
@@ -87,6 +85,7 @@ def write_corpus(data: Path, words_per_doc: int, max_docs: int, vocab_size: int)
     title) and <data>/tokenizer.json (word-level: the vocab_size - 2 most frequent words, <unk>, <|endoftext|>)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
+    from hiermem.bench.data_scale import WORD
     from hiermem.data.wiki import wiki_leads
     from hiermem.io_utils import atomic_open
 
@@ -141,15 +140,11 @@ def make_data(shape: str, data: Path) -> dict:
 
 
 def pack(cfg) -> dict:
-    """The training rows, packed as the trainer packs them (per leaf), so the GPU machine does not."""
+    """The training rows, packed by the trainer's own function, so the GPU machine does not pack them."""
     from hiermem.data.prepare import DataDir
-    from hiermem.routing.clustering import load_clustering
+    from hiermem.train.loop import training_rows
 
-    data = DataDir(cfg.data_dir)
-    clustering = load_clustering(data, cfg, required=True)
-    rows = data.packed("train", cfg.data.seq_len, clustering.doc_paths, clustering.tree.fingerprint(),
-                       algo=cfg.data.packing_algo)
-    return rows.packing_stats()
+    return training_rows(DataDir(cfg.data_dir), cfg)[1].packing_stats()
 
 
 # -- stage train -------------------------------------------------------------------------------------------
@@ -182,8 +177,6 @@ def train_variant(shape: str, data: Path, label: str, runs: Path, steps: int, lo
     preset = SHAPES[shape][0]
     run = runs / label
     if run.exists():
-        import shutil
-
         shutil.rmtree(run)
     runs.mkdir(parents=True, exist_ok=True)
     wall = hiermem(["train", "-c", preset, *data_overrides(shape, data), *variant_overrides(label),
@@ -216,13 +209,15 @@ def run(out: str = "runs/bench", quick: bool = False, stage: str = "all", steps:
     res: dict = {"suite": "loop", "shape": shape, "data_dir": str(data)}
     if stage in ("all", "data"):
         res["data"] = make_data(shape, data)
-        print(f"bench loop: data ready in {data} ({res['data']['documents']} documents of "
-              f"{res['data']['words_per_doc']} words, padding {res['data']['packed']['padding_fraction']:.3f})", flush=True)
+        made = res["data"]
+        print(f"bench loop: data ready in {data} ({made['documents']} documents of {made['words_per_doc']} words, "
+              f"padding {made['packed']['padding_fraction']:.3f})", flush=True)
     if stage == "data":
         return res
-    if not (data / "data.json").is_file():
-        raise HiermemError(f"bench loop: {data}: no data yet (run --stage data first, where the encoder is)")
-    res["data"] = json.loads((data / "data.json").read_text())
+    if "data" not in res:
+        if not (data / "data.json").is_file():
+            raise HiermemError(f"bench loop: {data}: no data yet (run --stage data first, where the encoder is)")
+        res["data"] = json.loads((data / "data.json").read_text())
     cuda = torch.cuda.is_available()
     if shape == "paper" and not cuda:
         res["skipped"] = "no CUDA device: the paper-160m trainings need one (--quick runs a tiny shape here)"

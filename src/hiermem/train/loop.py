@@ -86,6 +86,16 @@ RESUME_FREE = ("parallel", "dist_timeout_s", "data_shards", "stop_timeout_s", "p
 PARTIAL = ("bank", "checkpoint", "metrics.jsonl", "anchor.safetensors")  # what a run writes after its config
 
 
+def training_rows(data: DataDir, cfg: Config):
+    """(clustering or None, the packed training rows) of a run: per leaf when it packs by leaf, else in corpus
+    order; packed on first use and cached in the data directory (so a machine may pack before another trains)."""
+    clustering = load_clustering(data, cfg, required=True) if cfg.pack_by_leaf else None
+    if clustering is None:
+        return None, data.packed("train", cfg.data.seq_len, algo=cfg.data.packing_algo)
+    return clustering, data.packed("train", cfg.data.seq_len, clustering.doc_paths, clustering.tree.fingerprint(),
+                                   algo=cfg.data.packing_algo)
+
+
 def _check_run_dir(cfg: Config, resume: bool) -> bool:
     """Refuse a run directory this run cannot use. Returns True when --resume finds a run killed before its
     first checkpoint (its config.yaml, no checkpoint/state.json): it then starts from the beginning, its partial
@@ -229,12 +239,7 @@ class Trainer:
             record(cfg.run_dir / "config.yaml")
         torch.manual_seed(t.seed)
 
-        self.clustering = load_clustering(self.data, cfg, required=True) if cfg.pack_by_leaf else None
-        if self.clustering is not None:
-            self.dataset = self.data.packed("train", cfg.data.seq_len, self.clustering.doc_paths,
-                                            self.clustering.tree.fingerprint(), algo=cfg.data.packing_algo)
-        else:
-            self.dataset = self.data.packed("train", cfg.data.seq_len, algo=cfg.data.packing_algo)
+        self.clustering, self.dataset = training_rows(self.data, cfg)
         self.model = build_model(cfg).to(self.device)
         init_src = _init_from(cfg, self.model, tok)
         if t.mode == "frozen":
@@ -715,4 +720,4 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     return Trainer(cfg, resume=resume, progress=progress).run()
 
 
-__all__ = ["Trainer", "as_numbers", "train"]
+__all__ = ["Trainer", "as_numbers", "train", "training_rows"]

@@ -21,7 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from hiermem.config import Config, read_config, resolve_paths, save_config, to_dict
-from hiermem.errors import HiermemError
+from hiermem.errors import HiermemError, last_line
 from hiermem.io_utils import atomic_write_json
 
 if TYPE_CHECKING:
@@ -56,13 +56,14 @@ def job_costs(spec: DemoSpec) -> dict[str, float]:
 
 
 def job_entry(name: str, out: str) -> int:
-    """A worker's exit code: 0, or a HiermemError's (its message one line on stderr, as the command line prints
-    it: the scheduler reports the log's last line; a stop by SIGTERM is 143, not a traceback)."""
+    """A worker's exit code: 0, or a HiermemError's, its message printed as the command line prints it (the
+    scheduler reports the log's last line; a stop by SIGTERM is 143, not a traceback)."""
+    from hiermem.cli import print_error
+
     try:
         _job_main(name, out)
     except HiermemError as e:
-        print(f"{getattr(e, 'prefix', 'error: ')}{e}", file=sys.stderr)
-        return e.exit_code
+        return print_error(e)
     return 0
 
 
@@ -207,8 +208,8 @@ def schedule(graph: dict[str, list[str]], cost: dict[str, float], done: set[str]
             if proc.returncode != 0:
                 for other, _ in running.values():
                     other.kill()
-                lines = (logs / f"{n}.log").read_text().strip().splitlines() or ["(no output)"]
-                raise HiermemError(f"{desc.split()[0]} job {n} failed (log: {logs / (n + '.log')}): {lines[-1]}")
+                log = logs / f"{n}.log"
+                raise HiermemError(f"{desc.split()[0]} job {n} failed (log: {log}): {last_line(log)}")
             done.add(n)
             wall[n], cpu[n] = time.perf_counter() - t0, used
         bar.n = round(sum(cost[n] for n in done) + sum(cost[n] * progress_of(n) for n in running), 1)
