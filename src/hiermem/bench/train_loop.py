@@ -6,7 +6,7 @@ metrics.jsonl, so its figures are what `hiermem train` achieves. Two stages, bec
 needed to make the data and not to train (they are not on the training import path):
 
   hiermem bench --suite loop --stage data    # any machine: corpus, tokenizer, prepare, cluster, pack
-  hiermem bench --suite loop --stage train   # the GPU machine, given <out>/loop-data: the trainings
+  hiermem bench --suite loop --stage train   # the GPU machine, given <out>/loop-data-paper: the trainings
 
 (--stage all, the default, does both; without CUDA its trainings are skipped with a note, unless --quick.)
 
