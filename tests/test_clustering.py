@@ -40,7 +40,7 @@ def counting_encode(monkeypatch):
     return calls
 
 
-def test_cluster_writes_tree_paths_and_report(tmp_path):
+def test_cluster_writes_tree_paths_and_report(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path)
     data = prepare(cfg)
     report = cluster(cfg, data, progress=False)
@@ -87,6 +87,17 @@ def test_cluster_writes_tree_paths_and_report(tmp_path):
     np.testing.assert_array_equal(loaded.doc_paths, doc_paths)
     assert loaded.tree.fingerprint() == tree.fingerprint()
     np.testing.assert_array_equal(loaded.doc_emb(), emb)
+
+    # a damaged doc_paths.npy is refused when opened; above FULL_CHECK_BYTES only its size is checked there
+    raw = bytearray((folder / "doc_paths.npy").read_bytes())
+    raw[-1] ^= 1
+    (folder / "doc_paths.npy").write_bytes(bytes(raw))
+    with pytest.raises(HiermemError, match="doc_paths.npy.*run `hiermem cluster` again"):
+        load_clustering(data, cfg, required=True)
+    import hiermem.routing.clustering as clustering_mod
+
+    monkeypatch.setattr(clustering_mod, "FULL_CHECK_BYTES", len(raw) - 1)
+    assert load_clustering(data, cfg, required=True).doc_paths[-1, -1] == doc_paths[-1, -1] ^ (1 << 56)
 
 
 def test_embeddings_are_cached_and_clustering_is_deterministic(tmp_path, counting_encode):

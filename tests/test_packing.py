@@ -233,8 +233,11 @@ def _digest(folder) -> str:
     return h.hexdigest()
 
 
-def test_concat_bit_identical_to_before(tmp_path):
-    # digests of the arrays written by the packer before packing algos existed (same inputs, same seed)
+@pytest.mark.parametrize("chunk", [1 << 16, 7])
+def test_concat_bit_identical_to_before(tmp_path, monkeypatch, chunk):
+    # digests of the arrays written by the packer before packing algos existed (same inputs, same seed), also
+    # when the documents are read a few at a time
+    monkeypatch.setattr("hiermem.data.packing.PACK_CHUNK", chunk)
     rng = np.random.default_rng(42)
     docs = [rng.integers(2, 500, size=rng.integers(0, 40)).tolist() for _ in range(300)]
     write_doc_tokens(tmp_path / "docs", docs, np.uint16)
@@ -288,7 +291,10 @@ def _unique_token_corpus(tmp_path, n_docs, max_len, seed):
     return DocTokens(tmp_path / "docs"), lengths, rng
 
 
-def test_best_fit_keeps_documents_whole(tmp_path):
+@pytest.mark.parametrize("window", [1 << 20, 37])
+def test_best_fit_keeps_documents_whole(tmp_path, monkeypatch, window):
+    """Also when a group's documents are placed one window at a time."""
+    monkeypatch.setattr("hiermem.data.packing.BEST_FIT_WINDOW", window)
     seq_len = 15
     L = seq_len + 1
     store, lengths, rng = _unique_token_corpus(tmp_path, 400, 40, seed=1)
@@ -385,3 +391,40 @@ def test_packing_algo_cache_key_and_bad_algo(store, tmp_path):
     assert data.packed_path("train", 48, algo="best_fit") != concat
     with pytest.raises(ValueError, match="algo must be one of concat, best_fit, got 'nope'"):
         pack_sequences(store, np.arange(4), 4, EOS, tmp_path / "o", algo="nope")
+
+
+@pytest.mark.parametrize("algo", ["concat", "best_fit"])
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch, algo):
+    """tracemalloc (Python objects and numpy buffers; memory-mapped files are not allocations) over packing
+    2,000 and 8,000 documents into 4 groups, the selection and groups given as memory-mapped arrays. The
+    chunk and window are shrunk below the corpus, so anything held per document or per row would show.
+    Measured: +4 kB at most now; the packer this replaced grew by 340 kB (concat) and 1.6 MB (best_fit)
+    here, its sort keys, lengths and per-piece arrays held for every document."""
+    import tracemalloc
+
+    import hiermem.data.packing as packing
+
+    monkeypatch.setattr(packing, "PACK_CHUNK", 256)
+    monkeypatch.setattr(packing, "BEST_FIT_WINDOW", 256)
+
+    def peak(n, trace=True):
+        rng = np.random.default_rng(n)
+        folder = tmp_path / str(n)
+        write_doc_tokens(folder / "docs", (rng.integers(2, 500, size=rng.integers(0, 30)) for _ in range(n)),
+                         np.uint16)
+        np.save(folder / "index.npy", rng.permutation(n))
+        np.save(folder / "groups.npy", rng.integers(0, 4, size=n))
+        store = DocTokens(folder / "docs")
+        index, groups = (np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("index", "groups"))
+        if trace:
+            tracemalloc.start()
+        try:
+            pack_sequences(store, index, 15, EOS, folder / "p", group_of_doc=groups,
+                           path_of_group=np.arange(8).reshape(4, 2), depth=2, algo=algo)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(300, trace=False)  # warm up (lazy imports, caches)
+    small, large = peak(2000), peak(8000)
+    assert large - small < 60_000, (small, large)

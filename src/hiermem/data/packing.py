@@ -3,7 +3,7 @@
 Two on-disk stages, each a folder written atomically (AtomicDir: a failure leaves no folder):
 
 * doc store (`write_doc_tokens` / `DocTokens`): every document's tokens, flat, plus offsets.
-* packed set (`pack_sequences` / `PackedDataset`): rows of seq_len+1 tokens per group (leaf), either cut
+* packed set (`pack_selection` / `PackedDataset`): rows of seq_len+1 tokens per group (leaf), either cut
   from the concatenated documents or packed best-fit (whole documents where they fit), with a segment
   index per token so attention and loss never cross a document boundary.
 
@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import os
 from array import array
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -28,6 +29,8 @@ from hiermem.io_utils import AtomicDir, atomic_write_json
 PAD_SEGMENT = 65535  # segment value of padding tokens in segments.npy
 IGNORE_INDEX = -100  # target value ignored by the loss
 PACKING_ALGOS = ("concat", "best_fit")
+PACK_CHUNK = 1 << 16  # documents read at a time while packing
+BEST_FIT_WINDOW = 1 << 20  # documents of one group placed together by best_fit (bounds its per-piece arrays)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -95,8 +98,9 @@ class DocTokens:
     def __init__(self, folder: str | Path):
         self.dir = Path(folder)
         self.tokens = _load(self.dir / "tokens.npy")
-        self.offsets = np.asarray(_load(self.dir / "offsets.npy", mmap=False), dtype=np.int64)
-        if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets[-1] != len(self.tokens):
+        self.offsets = _load(self.dir / "offsets.npy")  # memory-mapped: 8 bytes a document stay on disk
+        if (self.offsets.ndim != 1 or self.offsets.dtype != np.int64 or len(self.offsets) < 1
+                or self.offsets[-1] != len(self.tokens)):
             raise HiermemError(f"{self.dir}: offsets.npy does not match tokens.npy (corrupt doc store)")
 
     def __len__(self) -> int:
@@ -150,152 +154,234 @@ def pack_sequences(
     """Pack documents into rows of seq_len+1 tokens (x = row[:-1], y = row[1:]) in out_dir.
 
     doc_index: the documents to pack, in order. group_of_doc: one group id per entry of doc_index
-    (e.g. its leaf); None = a single group 0. Groups are packed in ascending id, each document as its
-    tokens + [eos]; rows never mix groups. path_of_group maps a group id to its root-to-leaf path
-    (length depth), by dict or array row. Documents with no tokens are skipped (a lone eos would teach
-    nothing).
+    (e.g. its leaf); None = a single group 0. Both may be memory-mapped: they are read PACK_CHUNK entries
+    at a time. See `pack_selection` for the layout.
+    """
+    n = len(doc_index)
+    if group_of_doc is not None and len(group_of_doc) != n:
+        raise ValueError(f"group_of_doc has {len(group_of_doc)} entries, doc_index has {n}")
 
-    algo="concat": a group's documents, in the given order, form one stream cut into non-overlapping
-    rows (one boundary target per row is lost, as in nanoGPT); a document may continue into the next
-    row (as a new segment) and the group's last row is padded with pad_id.
+    def selection() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for a in range(0, n, PACK_CHUNK):
+            docs = np.asarray(doc_index[a : a + PACK_CHUNK], dtype=np.int64)
+            groups = (np.zeros(len(docs), np.int64) if group_of_doc is None
+                      else np.asarray(group_of_doc[a : a + PACK_CHUNK], dtype=np.int64))
+            yield docs, groups
+
+    return pack_selection(doc_tokens, selection, seq_len, eos_id, out_dir, path_of_group, depth, pad_id, algo)
+
+
+def pack_selection(
+    doc_tokens: DocTokens,
+    selection: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    seq_len: int,
+    eos_id: int,
+    out_dir: str | Path,
+    path_of_group: Mapping[int, tuple[int, ...]] | np.ndarray | None = None,
+    depth: int = 0,
+    pad_id: int = 0,
+    algo: str = "concat",
+) -> Path:
+    """Pack the documents that selection() yields, as chunks of (document ids, their group ids), in out_dir.
+
+    selection is called twice (once to count, once to sort), so it must yield the same chunks each time.
+    Groups are packed in ascending id, each document as its tokens + [eos], in the given order inside a
+    group; rows never mix groups. path_of_group maps a group id to its root-to-leaf path (length depth), by
+    dict or array row. Documents with no tokens are skipped (a lone eos would teach nothing).
+
+    algo="concat": a group's documents form one stream cut into non-overlapping rows (one boundary target
+    per row is lost, as in nanoGPT); a document may continue into the next row (as a new segment) and the
+    group's last row is padded with pad_id.
     algo="best_fit" (Ding et al. 2024, "Fewer Truncations Improve Language Modeling"): a document that
     fits in a row is never split, a longer one is cut into row-sized chunks (and a shorter tail); the
     pieces are packed best-fit-decreasing (see `best_fit_decreasing`) and the rest of a row is padding.
+    A group of more than BEST_FIT_WINDOW documents is placed one window of documents at a time.
+
+    Memory does not grow with the corpus: documents are sorted by group with a counting sort into a
+    memory-mapped file, and rows are written into memory-mapped regions of the output group by group, so
+    what is held is one chunk, one window and a few numbers per group.
     """
     L = seq_len + 1
     if algo not in PACKING_ALGOS:
         raise ValueError(f"algo must be one of {', '.join(PACKING_ALGOS)}, got {algo!r}")
     if not 1 <= seq_len < PAD_SEGMENT - 1:
         raise ValueError(f"seq_len must be in [1, {PAD_SEGMENT - 2}], got {seq_len}")
-    doc_index = np.asarray(doc_index, dtype=np.int64)
-    groups = np.zeros(len(doc_index), np.int64) if group_of_doc is None else np.asarray(group_of_doc, np.int64)
-    if groups.shape != doc_index.shape:
-        raise ValueError(f"group_of_doc has {len(groups)} entries, doc_index has {len(doc_index)}")
-    if len(doc_index) and (doc_index.min() < 0 or doc_index.max() >= len(doc_tokens)):
-        raise ValueError(f"doc_index out of range for a store of {len(doc_tokens)} documents")
     dtype = doc_tokens.dtype
     for name, tok in (("eos_id", eos_id), ("pad_id", pad_id)):
         if not 0 <= tok <= np.iinfo(dtype).max:
             raise ValueError(f"{name}={tok} does not fit {dtype}")
-
-    lengths = doc_tokens.lengths[doc_index]
-    keep = lengths > 0
-    doc_index, groups, lengths = doc_index[keep], groups[keep], lengths[keep]
-    order = np.argsort(groups, kind="stable")  # by group, given order inside a group
-    doc_index, groups, lengths = doc_index[order], groups[order], lengths[order]
-    uniq, starts = np.unique(groups, return_index=True)
-    bounds = list(zip(starts.tolist(), [*starts.tolist()[1:], len(groups)]))
-    if len(doc_index) == 0:
+    groups, n_docs, n_spans = _count_groups(doc_tokens, selection)
+    if n_docs.sum() == 0:
         raise HiermemError(f"{out_dir}: nothing to pack (no selected document has tokens)")
-    paths = _path_table(path_of_group, uniq, depth)
-    lay = _ConcatLayout(lengths + 1, bounds, L) if algo == "concat" else _BestFitLayout(lengths + 1, bounds, L)
-    n_rows = int(lay.rows.sum())
+    paths = _path_table(path_of_group, groups, depth)
 
-    open_mm = np.lib.format.open_memmap
     out_dir = Path(out_dir)
     with AtomicDir(out_dir) as tmp:
-        tok_mm = open_mm(tmp / "tokens.npy", mode="w+", dtype=dtype, shape=(n_rows, L))
-        seg_mm = open_mm(tmp / "segments.npy", mode="w+", dtype=np.uint16, shape=(n_rows, L))
-        lay.write(doc_tokens, doc_index, eos_id, pad_id, tok_mm.reshape(-1), seg_mm.reshape(-1))
-        tok_mm.flush()
-        seg_mm.flush()
-        del tok_mm, seg_mm  # close the maps before AtomicDir fsyncs and renames
-        np.save(tmp / "groups.npy", np.repeat(uniq, lay.rows))
-        group_paths = np.stack([paths[g] for g in uniq.tolist()]).reshape(len(uniq), depth)
-        np.save(tmp / "paths.npy", np.repeat(group_paths, lay.rows, axis=0))
-        n_tokens = int(lengths.sum()) + len(lengths)
+        order = _sort_by_group(doc_tokens, selection, groups, n_docs, tmp / "order.npy")
+        tok_rows, seg_rows = _GrowingRows(tmp / "tokens.npy", dtype, L), _GrowingRows(tmp / "segments.npy", np.uint16, L)
+        rows, n_split, first = np.zeros(len(groups), np.int64), 0, 0
+        for i, count in enumerate(n_docs.tolist()):
+            docs = order[first : first + count]
+            first += count
+            if algo == "concat":
+                rows[i] = -(-int(n_spans[i]) // L)
+                n_split += _write_concat(doc_tokens, docs, eos_id, pad_id, L, tok_rows.extend(rows[i]),
+                                         seg_rows.extend(rows[i]))
+            else:
+                for a in range(0, count, BEST_FIT_WINDOW):
+                    window = np.asarray(docs[a : a + BEST_FIT_WINDOW])
+                    lay = _BestFitLayout(_lengths(doc_tokens, window) + 1, L)
+                    lay.write(doc_tokens, window, eos_id, pad_id, tok_rows.extend(lay.n_rows),
+                              seg_rows.extend(lay.n_rows))
+                    rows[i] += lay.n_rows
+                    n_split += lay.n_docs_split()
+        tok_rows.finalize()
+        seg_rows.finalize()
+        _write_per_row(tmp / "groups.npy", [np.array([g]) for g in groups.tolist()], rows, np.int64)
+        _write_per_row(tmp / "paths.npy", [paths[g].reshape(1, depth) for g in groups.tolist()], rows, np.int64)
+        inputs = _inputs_hash(doc_tokens, order, groups, n_docs, paths, seq_len, eos_id, pad_id, algo)
+        del order
+        (tmp / "order.npy").unlink()
+        n_rows, n_tokens = int(rows.sum()), int(n_spans.sum())
         meta = {
             "seq_len": seq_len,
             "n_sequences": n_rows,
             "n_tokens": n_tokens,
-            "n_docs": len(doc_index),
-            "n_groups": len(uniq),
+            "n_docs": int(n_docs.sum()),
+            "n_groups": len(groups),
             "eos_id": int(eos_id),
             "pad_id": int(pad_id),
             "depth": depth,
             "dtype": dtype.name,
             "packing_algo": algo,
             "padding_fraction": 1.0 - n_tokens / (n_rows * L),
-            "n_docs_split": lay.n_docs_split(),
-            "inputs_sha256": _inputs_hash(doc_tokens, doc_index, groups, paths, seq_len, eos_id, pad_id, algo),
+            "n_docs_split": n_split,
+            "inputs_sha256": inputs,
         }
         atomic_write_json(tmp / "meta.json", meta)
     return out_dir
 
 
-class _ConcatLayout:
-    """concat: each group's documents (+eos) back to back, cut into rows; the last row of a group padded.
-
-    spans: tokens of each document with its eos, grouped (bounds: (first, end) per group) in stream order.
-    """
-
-    def __init__(self, spans: np.ndarray, bounds: list[tuple[int, int]], L: int):
-        self.spans, self.bounds, self.L = spans, bounds, L
-        self.stream_len = np.array([int(spans[a:b].sum()) for a, b in bounds], dtype=np.int64)
-        self.rows = -(-self.stream_len // L)
-
-    def n_docs_split(self) -> int:
-        """Documents whose span crosses a row boundary (their tail opens the next row as a new segment)."""
-        split = 0
-        for a, b in self.bounds:
-            end = np.cumsum(self.spans[a:b])
-            split += int(((end - self.spans[a:b]) // self.L != (end - 1) // self.L).sum())
-        return split
-
-    def write(self, store: DocTokens, docs: np.ndarray, eos_id: int, pad_id: int, tok: np.ndarray,
-              seg: np.ndarray) -> None:
-        L, row0 = self.L, 0
-        for (a, b), n_rows, n in zip(self.bounds, self.rows.tolist(), self.stream_len.tolist()):
-            base = row0 * L
-            _pack_group(store, docs[a:b], eos_id, L, tok[base:], seg[base:])
-            tok[base + n : base + n_rows * L] = pad_id
-            seg[base + n : base + n_rows * L] = PAD_SEGMENT
-            row0 += n_rows
+def _lengths(store: DocTokens, docs: np.ndarray) -> np.ndarray:
+    return store.offsets[docs + 1] - store.offsets[docs]
 
 
-def _pack_group(store: DocTokens, docs: np.ndarray, eos_id: int, L: int, tok: np.ndarray, seg: np.ndarray) -> None:
-    """Write one group's stream at the start of the flat views tok/seg (row-aligned)."""
+def _count_groups(store: DocTokens, selection) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First pass: (group ids ascending, non-empty documents in each, their tokens + eos in each)."""
+    docs_of: dict[int, int] = {}
+    spans_of: dict[int, int] = {}
+    for docs, groups in selection():
+        if len(docs) and (docs.min() < 0 or docs.max() >= len(store)):
+            raise ValueError(f"doc_index out of range for a store of {len(store)} documents")
+        lengths = _lengths(store, docs)
+        keep = lengths > 0
+        uniq, inverse, counts = np.unique(groups[keep], return_inverse=True, return_counts=True)
+        spans = np.bincount(inverse, weights=lengths[keep] + 1, minlength=len(uniq))
+        for g, c, s in zip(uniq.tolist(), counts.tolist(), spans.tolist()):
+            docs_of[g] = docs_of.get(g, 0) + c
+            spans_of[g] = spans_of.get(g, 0) + int(s)
+    groups = np.array(sorted(docs_of), dtype=np.int64)
+    return (groups, np.array([docs_of[g] for g in groups.tolist()], np.int64),
+            np.array([spans_of[g] for g in groups.tolist()], np.int64))
+
+
+def _sort_by_group(store: DocTokens, selection, groups: np.ndarray, n_docs: np.ndarray, path: Path) -> np.ndarray:
+    """Second pass, a counting sort: the non-empty documents by group (given order inside a group), in a
+    memory-mapped file."""
+    order = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(int(n_docs.sum()),))
+    cursor = np.cumsum(n_docs) - n_docs  # next free position of each group
+    for docs, chunk_groups in selection():
+        keep = _lengths(store, docs) > 0
+        docs, at = docs[keep], np.searchsorted(groups, chunk_groups[keep])
+        by = np.argsort(at, kind="stable")
+        at_sorted = at[by]
+        run_start = np.searchsorted(at_sorted, at_sorted)  # first entry of each entry's group in the chunk
+        order[cursor[at_sorted] + np.arange(len(by)) - run_start] = docs[by]
+        cursor += np.bincount(at, minlength=len(groups))
+    return order
+
+
+class _GrowingRows:
+    """A 2-d .npy file of rows of L items, grown at its end: `extend(n)` lengthens the file by n rows and
+    returns them as a flat memory-mapped view to fill; `finalize` writes the header for the final row count
+    (numpy pads the header so that the first axis may grow: the data never moves)."""
+
+    def __init__(self, path: Path, dtype, L: int):
+        self.path, self.dtype, self.L, self.n = path, np.dtype(dtype), L, 0
+        self.header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False}
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {**self.header, "shape": (0, L)})
+            self.start = f.tell()
+
+    def extend(self, n_rows: int) -> np.ndarray:
+        n_rows = int(n_rows)
+        row_bytes = self.L * self.dtype.itemsize
+        os.truncate(self.path, self.start + (self.n + n_rows) * row_bytes)
+        view = np.memmap(self.path, self.dtype, "r+", offset=self.start + self.n * row_bytes, shape=(n_rows * self.L,))
+        self.n += n_rows
+        return view  # unmapped when dropped; AtomicDir fsyncs the file before the rename
+
+    def finalize(self) -> None:
+        with open(self.path, "r+b") as f:
+            np.lib.format.write_array_header_1_0(f, {**self.header, "shape": (self.n, self.L)})
+            if f.tell() != self.start:  # cannot happen with numpy >= 1.24 (growth padding)
+                raise RuntimeError(f"{self.path}: npy header size changed; cannot finalise in place")
+
+
+def _write_per_row(path: Path, values: list[np.ndarray], rows: np.ndarray, dtype) -> None:
+    """An .npy of each group's value (shape (1, ...)) repeated once per row of the group, written group by group."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(int(rows.sum()), *values[0].shape[1:]))
+    r = 0
+    for v, n in zip(values, rows.tolist()):
+        out[r : r + n] = v
+        r += n
+    out.flush()
+    del out
+
+
+def _write_concat(store: DocTokens, docs: np.ndarray, eos_id: int, pad_id: int, L: int, tok: np.ndarray,
+                  seg: np.ndarray) -> int:
+    """concat, one group: its documents (+eos) back to back from row 0 of the flat views tok/seg, the last row
+    padded. Returns how many documents cross a row boundary (their tail opens the next row as a new segment)."""
     pos = 0  # position in the group's stream
-    first = 0  # local index of the first document that appears in the current row
-    for k, d in enumerate(docs.tolist()):
-        t = store[d]
-        end = pos + len(t) + 1
-        tok[pos : end - 1] = t
-        tok[end - 1] = eos_id
-        if pos % L == 0:
-            first = k
-        row_end = (pos // L + 1) * L
-        seg[pos : min(end, row_end)] = k - first
-        if end > row_end:  # continues into later rows, where it is the first segment
-            seg[row_end:end] = 0
-            first = k
-        pos = end
+    first = 0  # index of the first document that appears in the current row
+    split = 0
+    for a in range(0, len(docs), PACK_CHUNK):
+        for k, d in enumerate(np.asarray(docs[a : a + PACK_CHUNK]).tolist(), start=a):
+            t = store[d]
+            end = pos + len(t) + 1
+            tok[pos : end - 1] = t
+            tok[end - 1] = eos_id
+            if pos % L == 0:
+                first = k
+            row_end = (pos // L + 1) * L
+            seg[pos : min(end, row_end)] = k - first
+            if end > row_end:  # continues into later rows, where it is the first segment
+                seg[row_end:end] = 0
+                first = k
+                split += 1
+            pos = end
+    tok[pos:] = pad_id
+    seg[pos:] = PAD_SEGMENT
+    return split
 
 
 class _BestFitLayout:
-    """best_fit: whole documents where they fit, row-sized chunks otherwise, placed best-fit-decreasing.
+    """best_fit, one group (or window of one): whole documents where they fit, row-sized chunks otherwise,
+    placed best-fit-decreasing.
 
     Only per-piece numbers are held (a piece = a document, or a chunk of a longer one): O(documents + rows).
-    Pieces are numbered in stream order (group, document, chunk), so writing them reads the store in order.
+    Pieces are numbered in stream order (document, chunk), so writing them reads the store in order.
     """
 
-    def __init__(self, spans: np.ndarray, bounds: list[tuple[int, int]], L: int):
+    def __init__(self, spans: np.ndarray, L: int):
         self.spans, self.L = spans, L
         n_pieces = -(-spans // L)
-        self.piece_doc = np.repeat(np.arange(len(spans)), n_pieces)  # index into the grouped doc list
+        self.piece_doc = np.repeat(np.arange(len(spans)), n_pieces)  # index into the window's documents
         first_piece = np.cumsum(n_pieces) - n_pieces
         self.piece_start = (np.arange(len(self.piece_doc)) - first_piece[self.piece_doc]) * L  # offset in its doc
         self.piece_len = np.minimum(L, spans[self.piece_doc] - self.piece_start)
-        self.row = np.empty(len(self.piece_doc), np.int64)  # each piece's row (file-wide) and offset in it
-        self.offset = np.empty(len(self.piece_doc), np.int64)
-        rows, row0 = [], 0
-        for a, b in bounds:  # per group: rows never mix groups
-            p0, p1 = first_piece[a], first_piece[b - 1] + n_pieces[b - 1]
-            row, offset, n_rows = best_fit_decreasing(self.piece_len[p0:p1], L)
-            self.row[p0:p1], self.offset[p0:p1] = row + row0, offset
-            rows.append(n_rows)
-            row0 += n_rows
-        self.rows = np.array(rows, dtype=np.int64)
+        self.row, self.offset, self.n_rows = best_fit_decreasing(self.piece_len, L)
         self.segment = _rank_within_row(self.row, self.offset)
 
     def n_docs_split(self) -> int:
@@ -316,7 +402,7 @@ class _BestFitLayout:
             else:
                 tok[dst : dst + n] = t[start : start + n]
             seg[dst : dst + n] = s
-        fill = np.bincount(self.row, weights=self.piece_len, minlength=int(self.rows.sum())).astype(np.int64)
+        fill = np.bincount(self.row, weights=self.piece_len, minlength=self.n_rows).astype(np.int64)
         for r in np.flatnonzero(fill < L).tolist():
             tok[r * L + fill[r] : (r + 1) * L] = pad_id
             seg[r * L + fill[r] : (r + 1) * L] = PAD_SEGMENT
@@ -407,13 +493,18 @@ class _RoomIndex:
         return -1
 
 
-def _inputs_hash(store: DocTokens, doc_index, groups, paths, seq_len, eos_id, pad_id, algo) -> str:
-    """Cheap identity of the packing inputs (doc selection, grouping, paths, doc lengths; not token values)."""
+def _inputs_hash(store: DocTokens, order, groups, n_docs, paths, seq_len, eos_id, pad_id, algo) -> str:
+    """Cheap identity of the packing inputs (doc lengths, the documents by group, their groups, paths; not token
+    values), hashed chunk by chunk: the bytes are those of the whole arrays."""
     h = hashlib.sha256()
     head = [seq_len, int(eos_id), int(pad_id), store.dtype.name] + ([] if algo == "concat" else [algo])
     h.update(json.dumps(head).encode())
-    for arr in (store.offsets, doc_index, groups):
-        h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+    for arr in (store.offsets, order):
+        for a in range(0, len(arr), PACK_CHUNK):
+            h.update(np.ascontiguousarray(arr[a : a + PACK_CHUNK], dtype=np.int64).tobytes())
+    for g, n in zip(groups.tolist(), n_docs.tolist()):
+        for a in range(0, n, PACK_CHUNK):
+            h.update(np.full(min(PACK_CHUNK, n - a), g, dtype=np.int64).tobytes())
     for g in sorted(paths):
         h.update(np.asarray([g, *paths[g]], dtype=np.int64).tobytes())
     return h.hexdigest()
@@ -436,8 +527,8 @@ class PackedDataset:
         self.meta = _load_meta(self.dir)
         self.tokens = _load(self.dir / "tokens.npy")
         self.segments = _load(self.dir / "segments.npy")
-        self.paths = _load(self.dir / "paths.npy", mmap=False)
-        self.groups = _load(self.dir / "groups.npy", mmap=False)
+        self.paths = _load(self.dir / "paths.npy")
+        self.groups = _load(self.dir / "groups.npy")
         n, L = len(self.tokens), self.meta.get("seq_len", -1) + 1
         if self.tokens.shape != (n, L) or self.segments.shape != (n, L) or len(self.paths) != n or len(self.groups) != n:
             raise HiermemError(f"{self.dir}: packed arrays disagree with meta.json (corrupt or mixed folder)")
@@ -466,6 +557,13 @@ class PackedDataset:
         if "n_docs_split" in m:
             stats["docs_split"] = m["n_docs_split"]
         return stats
+
+    def row_tokens(self, chunk: int = 4096) -> np.ndarray:
+        """Tokens (not padding) in each row, read `chunk` rows at a time."""
+        out = np.empty(len(self), np.int64)
+        for a in range(0, len(self), chunk):
+            out[a : a + chunk] = (self.segments[a : a + chunk] != PAD_SEGMENT).sum(axis=1)
+        return out
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)

@@ -37,7 +37,7 @@ import numpy as np
 
 from hiermem.config import Config, diff_fields
 from hiermem.data.npyfile import CannotResume, NpyAppender
-from hiermem.data.packing import DocTokens, PackedDataset, pack_sequences, token_dtype
+from hiermem.data.packing import PACK_CHUNK, DocTokens, PackedDataset, pack_selection, token_dtype
 from hiermem.data.readers import Document, Shard, decode_raw, iter_records, list_shards, quote_id
 from hiermem.data.shards import DocIndex, IndexWriter, LegacyDocs, find_duplicate, shard_stat, write_shard_list
 from hiermem.data.tokenize_workers import Encoder
@@ -184,7 +184,7 @@ class DataDir:
                tree_id: str = "flat", algo: str = "concat") -> PackedDataset:
         """A split's packed sequences, cached under packed/ by (split, seq_len, tree, packing algo). With
         doc_paths (every document's root-to-leaf path) documents are packed per leaf, one path per sequence
-        (the paper's App. A.2); without, in corpus order. algo: data.packing_algo (packing.pack_sequences)."""
+        (the paper's App. A.2); without, in corpus order. algo: data.packing_algo (packing.pack_selection)."""
         out = self.packed_path(split, seq_len, tree_id, algo)
         out.parent.mkdir(parents=True, exist_ok=True)
         # several trainings may start at once on one data dir (the demo's parallel jobs): one packs, the
@@ -219,21 +219,31 @@ class DataDir:
         return self.path / "packed" / f"{split}-{key}"
 
     def _pack(self, split: str, seq_len: int, doc_paths: np.ndarray | None, out: Path, algo: str) -> None:
-        is_val = self.is_val()
-        doc_index = np.flatnonzero(is_val if split == "val" else ~is_val)
-        if len(doc_index) == 0:
+        """Pack a split, reading the split mask and doc_paths (both memory-mapped) PACK_CHUNK documents at a
+        time, so that packing holds nothing per document."""
+        check_file(self.path / "split.npy", "train/val split")
+        is_val = np.load(self.path / "split.npy", mmap_mode="r")
+        want = split == "val"
+
+        def selection() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for a in range(0, len(is_val), PACK_CHUNK):
+                docs = np.flatnonzero(is_val[a : a + PACK_CHUNK] == want) + a
+                leaves = np.zeros(len(docs), np.int64) if doc_paths is None else np.asarray(doc_paths[docs, -1])
+                yield docs, leaves
+
+        if not any(len(docs) for docs, _ in selection()):
             raise HiermemError(f"{self.path}: the {split} split has no documents")
-        groups = paths = None
-        depth = 0
-        if doc_paths is not None:
-            groups = np.asarray(doc_paths[doc_index, -1])
-            leaves, first = np.unique(groups, return_index=True)  # a leaf's path is any of its documents'
-            paths = dict(zip(leaves.tolist(), map(tuple, np.asarray(doc_paths[doc_index[first]]).tolist())))
-            depth = doc_paths.shape[1]
+        paths, depth = None, 0
+        if doc_paths is not None:  # a leaf's path is any of its documents'
+            paths, depth = {}, doc_paths.shape[1]
+            for docs, leaves in selection():
+                new, first = np.unique(leaves, return_index=True)
+                for leaf, d in zip(new.tolist(), docs[first].tolist()):
+                    paths.setdefault(leaf, tuple(np.asarray(doc_paths[d]).tolist()))
         store = self.doc_tokens()
         check_files([self.path / "doc_tokens" / n for n in ("tokens.npy", "offsets.npy")], "token store", full=True)
-        pack_sequences(store, doc_index, seq_len, self.tokenizer().eos_id, out,
-                       group_of_doc=groups, path_of_group=paths, depth=depth, algo=algo)
+        pack_selection(store, selection, seq_len, self.tokenizer().eos_id, out, path_of_group=paths, depth=depth,
+                       algo=algo)
 
 
 # --- prepare -------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import numpy as np
 from hiermem.config import Config, diff_fields, read_config
 from hiermem.errors import HiermemError
 from hiermem.data.prepare import DataDir
-from hiermem.integrity import check_file, crc32_bytes, entry_of, read_json
+from hiermem.integrity import FULL_CHECK_BYTES, check_file, crc32_bytes, entry_of, read_json
 from hiermem.io_utils import atomic_path, atomic_write_json
 from hiermem.locking import DirLock
 from hiermem.routing.embedders import embed_corpus, make_embedder
@@ -82,7 +82,9 @@ def load_clustering(data: DataDir, cfg: Config, required: bool) -> Clustering | 
     files = meta.get("checksums", {}).get("files", {})
     try:
         check_file(folder / "tree.npz", "routing tree", entry=files.get("tree.npz"))
-        check_file(folder / "doc_paths.npy", "document paths", entry=files.get("doc_paths.npy"))
+        paths_entry = files.get("doc_paths.npy")  # in full up to FULL_CHECK_BYTES, else its size (hiermem verify)
+        check_file(folder / "doc_paths.npy", "document paths", entry=paths_entry,
+                   full=(paths_entry or {}).get("size", 0) <= FULL_CHECK_BYTES)
         emb = meta["embeddings"]  # read row by row (the knn router): its size here, in full by hiermem verify
         check_file(data.path / emb, "embedding cache", full=False, entry=files.get(emb))
         tree = Tree.load(folder / "tree.npz")

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from hiermem.config import (Config, check_training, diff_fields, from_dict, read_config, resolve_paths, save_config,
                              to_dict)
-from hiermem.data.packing import PAD_SEGMENT, BatchSampler
+from hiermem.data.packing import BatchSampler
 from hiermem.data.prepare import DataDir
 from hiermem.data.sharding import ShardedSampler, plan_shards, rank_pools
 from hiermem.data.tokenizer import Tokenizer, resolve_vocab
@@ -344,8 +344,7 @@ class Trainer:
             raise HiermemError(f"config: the global batch (train.batch_size x train.grad_accum = {per_step}) "
                                f"must divide evenly over {n} data shards")
         paths = np.asarray(self.dataset.paths)
-        tokens = (np.asarray(self.dataset.segments) != PAD_SEGMENT).sum(axis=1)
-        plan = plan_shards(paths, tokens, n)
+        plan = plan_shards(paths, self.dataset.row_tokens(), n)
         sampler = ShardedSampler(rank_pools(plan, paths[:, plan.level]), per_step // n, seed=t.seed)
         return plan, sampler
 
