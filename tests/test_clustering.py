@@ -1,10 +1,10 @@
 import json
 import random
-import tracemalloc
 
 import numpy as np
 import pytest
 from conftest import TOPICS, write_topic_corpus
+from traced import traced_peak
 
 from hiermem.config import load_config
 from hiermem.data.prepare import prepare
@@ -94,8 +94,6 @@ def test_cluster_writes_tree_paths_and_report(tmp_path, monkeypatch):
     (folder / "doc_paths.npy").write_bytes(bytes(raw))
     with pytest.raises(HiermemError, match="doc_paths.npy.*run `hiermem cluster` again"):
         load_clustering(data, cfg, required=True)
-    import hiermem.routing.clustering as clustering_mod
-
     monkeypatch.setattr(clustering_mod, "FULL_CHECK_BYTES", len(raw) - 1)
     assert load_clustering(data, cfg, required=True).doc_paths[-1, -1] == doc_paths[-1, -1] ^ (1 << 56)
 
@@ -277,12 +275,7 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch):
         for f in (data.path / "embeddings").glob("*"):
             f.unlink()
         held.clear()
-        tracemalloc.start()
-        try:
-            cluster(cfg, data, progress=False)
-            peaks[n] = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        peaks[n] = traced_peak(cluster, cfg, data, progress=False)
         assert held == [100] * (n // 100) + [200]  # 100 texts a chunk, then the 200 heads of the fit sample
     # 3,300 more documents: measured +0.2 kB alone, up to +30 kB after the other tests of the module, of a
     # 3.5 MB peak. Holding every text (about 150 bytes each) or every vector (1 kB each) would exceed this

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from traced import traced_peak
 
 from hiermem.data.packing import (
     PAD_SEGMENT,
@@ -400,8 +401,6 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch, algo):
     chunk and window are shrunk below the corpus, so anything held per document or per row would show.
     Measured: +4 kB at most now; the packer this replaced grew by 340 kB (concat) and 1.6 MB (best_fit)
     here, its sort keys, lengths and per-piece arrays held for every document."""
-    import tracemalloc
-
     import hiermem.data.packing as packing
 
     monkeypatch.setattr(packing, "PACK_CHUNK", 256)
@@ -416,14 +415,9 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch, algo):
         np.save(folder / "groups.npy", rng.integers(0, 4, size=n))
         store = DocTokens(folder / "docs")
         index, groups = (np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("index", "groups"))
-        if trace:
-            tracemalloc.start()
-        try:
-            pack_sequences(store, index, 15, EOS, folder / "p", group_of_doc=groups,
-                           path_of_group=np.arange(8).reshape(4, 2), depth=2, algo=algo)
-            return tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        args = (store, index, 15, EOS, folder / "p")
+        kwargs = dict(group_of_doc=groups, path_of_group=np.arange(8).reshape(4, 2), depth=2, algo=algo)
+        return traced_peak(pack_sequences, *args, **kwargs) if trace else pack_sequences(*args, **kwargs)
 
     peak(300, trace=False)  # warm up (lazy imports, caches)
     small, large = peak(2000), peak(8000)

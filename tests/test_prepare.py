@@ -3,6 +3,7 @@ import random
 
 import numpy as np
 import pytest
+from traced import traced_peak
 
 import hiermem.data.prepare as prepare_mod
 from hiermem.config import load_config
@@ -433,8 +434,6 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch):
     """tracemalloc (Python objects and numpy buffers) over a prepare of 1000 and of 4000 documents. Every
     buffer is a constant; they are shrunk below the test corpus, so anything kept per document would show:
     the in-RAM prepare this replaced grew by about 850 kB here."""
-    import tracemalloc
-
     import hiermem.data.npyfile as npyfile
     import hiermem.data.shards as shards
 
@@ -447,13 +446,7 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch):
         path = tmp_path / f"c{n}.jsonl"
         write_corpus(path, n=n)
         cfg = cfg_for(tmp_path / f"d{n}", path, "data.tokenizer_sample_bytes=20000")
-        if trace:
-            tracemalloc.start()
-        try:
-            prepare(cfg)
-            return tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        return traced_peak(prepare, cfg) if trace else prepare(cfg)
 
     peak(100, trace=False)  # warm up (lazy imports, caches)
     small, large = peak(1000), peak(4000)
