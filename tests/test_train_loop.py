@@ -32,6 +32,10 @@ def test_the_data_is_whole_documents_of_one_row_each(data_stage):
     assert "variants" not in res
     again = run(out=str(out), quick=True, stage="data")  # a finished data folder is reused as it is
     assert again["data"] == data
+    (out / "loop-data-tiny" / "data.json").unlink()  # a data stage stopped before its end is made again
+    timings = ("prepare_s", "cluster_s", "data_s")
+    remade = run(out=str(out), quick=True, stage="data")["data"]
+    assert {k: v for k, v in remade.items() if k not in timings} == {k: v for k, v in data.items() if k not in timings}
 
 
 def test_the_train_stage_needs_the_data_first(tmp_path):

@@ -127,6 +127,8 @@ def make_data(shape: str, data: Path) -> dict:
     if words_per_doc != cfg.data.seq_len:
         raise HiermemError(f"bench loop: shape {shape} has documents of {words_per_doc} words for rows of "
                            f"{cfg.data.seq_len}")
+    # an unfinished folder is made again: the corpus is rewritten below, which a prepared folder would refuse
+    shutil.rmtree(cfg.data_dir, ignore_errors=True)
     data.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     report = {"shape": shape, **write_corpus(data, words_per_doc, max_docs, cfg.data.vocab_size)}
