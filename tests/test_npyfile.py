@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import hiermem.data.npyfile as npyfile
-from hiermem.data.npyfile import CannotResume, NpyAppender
+from hiermem.data.npyfile import CannotResume, NpyAppender, shuffled_arange
 
 
 def npy_bytes(arr) -> bytes:
@@ -52,3 +52,10 @@ def test_resume_truncates_to_the_durable_count(tmp_path):
         NpyAppender(path, np.int64, 13)
     with pytest.raises(CannotResume, match="no such file"):
         NpyAppender(tmp_path / "gone.npy", np.int64, 1)
+
+
+def test_shuffled_arange_is_the_generators_permutation_and_leaves_no_file(tmp_path):
+    for n, chunk in ((1, 4), (1000, 7), (1000, 1 << 16)):
+        perm = shuffled_arange(n, np.random.default_rng(11), tmp_path / "sub" / "p.npy", chunk)
+        np.testing.assert_array_equal(perm, np.random.default_rng(11).permutation(n))
+        assert isinstance(perm, np.memmap) and list((tmp_path / "sub").iterdir()) == []

@@ -87,3 +87,20 @@ class NpyAppender:
         """Close without finalising (a crash path: the file stays resumable)."""
         if not self._f.closed:
             self._f.close()
+
+
+def shuffled_arange(n: int, rng: np.random.Generator, path: str | Path, chunk: int = 1 << 16) -> np.ndarray:
+    """rng.permutation(n), the same draws (Generator.permutation(n) is Generator.shuffle(arange(n))), in a
+    memory-mapped int64 file at path that is unlinked before returning: the map lives as long as the array, its
+    pages are file-backed (reclaimable) instead of anonymous memory, and nothing is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    perm = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n,))
+    try:
+        for a in range(0, n, chunk):
+            perm[a : a + chunk] = np.arange(a, min(n, a + chunk))
+        # shuffle a plain-ndarray view of the map: Generator.shuffle takes a per-element Python path on a subclass
+        rng.shuffle(np.asarray(perm))
+    finally:
+        path.unlink()
+    return perm

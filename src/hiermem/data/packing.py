@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
+from hiermem.data.npyfile import shuffled_arange
 from hiermem.errors import HiermemError
 from hiermem.io_utils import AtomicDir, atomic_write_json
 
@@ -30,6 +31,7 @@ PAD_SEGMENT = 65535  # segment value of padding tokens in segments.npy
 IGNORE_INDEX = -100  # target value ignored by the loss
 PACKING_ALGOS = ("concat", "best_fit")
 PACK_CHUNK = 1 << 16  # documents read at a time while packing
+MMAP_ORDER_ROWS = 1 << 22  # BatchSampler: from this many rows on, an epoch's order is in a memory-mapped file
 BEST_FIT_WINDOW = 1 << 20  # documents of one group placed together by best_fit (bounds its per-piece arrays)
 
 
@@ -605,12 +607,12 @@ class BatchSampler:
     cursor counts samples already yielded in the current epoch.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, drop_last: bool = False):
+    def __init__(self, n: int, batch_size: int, seed: int = 0, drop_last: bool = False, work_dir: Path | None = None):
         if n <= 0 or batch_size <= 0:
             raise ValueError(f"need n > 0 and batch_size > 0, got n={n}, batch_size={batch_size}")
         if drop_last and batch_size > n:
             raise ValueError(f"batch_size {batch_size} > n {n} with drop_last: no batch at all")
-        self.n, self.batch_size, self.seed, self.drop_last = n, batch_size, seed, drop_last
+        self.n, self.batch_size, self.seed, self.drop_last, self.work_dir = n, batch_size, seed, drop_last, work_dir
         self.epoch = 0
         self.cursor = 0
 
@@ -622,7 +624,12 @@ class BatchSampler:
         return self.batches_per_epoch * self.batch_size if self.drop_last else self.n
 
     def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng(self.seed + epoch).permutation(self.n)
+        """The epoch's order of the rows. With a work_dir, from MMAP_ORDER_ROWS rows on, the same order in a
+        memory-mapped file there (unlinked at once): 8 bytes a row that are not anonymous memory."""
+        rng = np.random.default_rng(self.seed + epoch)
+        if self.work_dir is None or self.n < MMAP_ORDER_ROWS:
+            return rng.permutation(self.n)
+        return shuffled_arange(self.n, rng, Path(self.work_dir) / f".order-{os.getpid()}-{id(self)}.npy")
 
     def __iter__(self) -> Iterator[np.ndarray]:
         perm_epoch, perm = -1, None
@@ -631,7 +638,7 @@ class BatchSampler:
                 self.epoch, self.cursor = self.epoch + 1, 0
             if perm_epoch != self.epoch:
                 perm_epoch, perm = self.epoch, self.permutation(self.epoch)
-            batch = perm[self.cursor : min(self.cursor + self.batch_size, self._epoch_end())]
+            batch = np.array(perm[self.cursor : min(self.cursor + self.batch_size, self._epoch_end())])
             self.cursor += len(batch)  # advance before yielding: state_dict() names the next batch
             yield batch
 

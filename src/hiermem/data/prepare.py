@@ -36,7 +36,7 @@ from typing import Iterator
 import numpy as np
 
 from hiermem.config import Config, diff_fields
-from hiermem.data.npyfile import CannotResume, NpyAppender
+from hiermem.data.npyfile import CannotResume, NpyAppender, shuffled_arange
 from hiermem.data.packing import PACK_CHUNK, DocTokens, PackedDataset, pack_selection, token_dtype
 from hiermem.data.readers import Document, Shard, decode_raw, iter_records, list_shards, quote_id
 from hiermem.data.shards import DocIndex, IndexWriter, LegacyDocs, find_duplicate, shard_stat, write_shard_list
@@ -78,21 +78,15 @@ def split_mask(n: int, val_fraction: float, seed: int) -> np.ndarray:
 
 def write_split(path: Path, n: int, val_fraction: float, seed: int, work: Path) -> int:
     """split_mask(n, val_fraction, seed) into the .npy file path, in bounded memory: the permutation is
-    shuffled in a memory-mapped file (Generator.permutation(n) is Generator.shuffle(arange(n)): the same
-    draws, so the same split). Returns the number of validation documents."""
+    shuffled in a memory-mapped file (npyfile.shuffled_arange: the same draws, so the same split). Returns the
+    number of validation documents."""
     n_val = _n_val(n, val_fraction)
     mask = np.lib.format.open_memmap(path, mode="w+", dtype=bool, shape=(n,))
     if n_val:
-        perm_path = work / "perm.npy"
-        perm = np.lib.format.open_memmap(perm_path, mode="w+", dtype=np.int64, shape=(n,))
-        for a in range(0, n, SPLIT_CHUNK):
-            perm[a : a + SPLIT_CHUNK] = np.arange(a, min(n, a + SPLIT_CHUNK))
-        # shuffle a plain-ndarray view of the map: Generator.shuffle takes a per-element Python path on a subclass
-        np.random.default_rng(seed).shuffle(np.asarray(perm))
+        perm = shuffled_arange(n, np.random.default_rng(seed), work / "perm.npy", SPLIT_CHUNK)
         for a in range(0, n_val, SPLIT_CHUNK):
             mask[np.asarray(perm[a : min(n_val, a + SPLIT_CHUNK)])] = True
         del perm
-        perm_path.unlink()
     mask.flush()
     del mask
     return n_val

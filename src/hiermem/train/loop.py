@@ -262,7 +262,7 @@ class Trainer:
 
         self.steps = total_steps(cfg, len(self.dataset))
         per_step = t.batch_size * t.grad_accum
-        self.sampler = BatchSampler(len(self.dataset), per_step, seed=t.seed)
+        self.sampler = BatchSampler(len(self.dataset), per_step, seed=t.seed, work_dir=cfg.run_dir)
         self.shards = self._shard_plan(per_step)
         self.sharers = self._sharers() if cfg.uses_memory and world.distributed else None
         if cfg.uses_memory and not resume and world.distributed:
@@ -535,7 +535,8 @@ class Trainer:
 
             queued = deque()
             return prefetch_sharded
-        sampler = BatchSampler(self.sampler.n, self.sampler.batch_size, seed=self.sampler.seed)
+        sampler = BatchSampler(self.sampler.n, self.sampler.batch_size, seed=self.sampler.seed,
+                               work_dir=self.sampler.work_dir)
         sampler.load_state_dict(self.sampler.state_dict())
         upcoming, queued = iter(sampler), deque()
 
