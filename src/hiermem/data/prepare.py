@@ -127,8 +127,9 @@ class DataDir:
         return DocTokens(folder)
 
     def is_val(self) -> np.ndarray:
-        check_file(self.path / "split.npy", "train/val split")  # read whole: checked in full
-        return np.load(self.path / "split.npy")
+        """One bool per document, memory-mapped (callers that need it whole read it whole)."""
+        check_file(self.path / "split.npy", "train/val split")  # checked in full: 1 byte a document
+        return np.load(self.path / "split.npy", mmap_mode="r")
 
     @property
     def _docs(self) -> DocIndex | LegacyDocs:
@@ -215,9 +216,7 @@ class DataDir:
     def _pack(self, split: str, seq_len: int, doc_paths: np.ndarray | None, out: Path, algo: str) -> None:
         """Pack a split, reading the split mask and doc_paths (both memory-mapped) PACK_CHUNK documents at a
         time, so that packing holds nothing per document."""
-        check_file(self.path / "split.npy", "train/val split")
-        is_val = np.load(self.path / "split.npy", mmap_mode="r")
-        want = split == "val"
+        is_val, want = self.is_val(), split == "val"
 
         def selection() -> Iterator[tuple[np.ndarray, np.ndarray]]:
             for a in range(0, len(is_val), PACK_CHUNK):
@@ -225,15 +224,16 @@ class DataDir:
                 leaves = np.zeros(len(docs), np.int64) if doc_paths is None else np.asarray(doc_paths[docs, -1])
                 yield docs, leaves
 
-        if not any(len(docs) for docs, _ in selection()):
-            raise HiermemError(f"{self.path}: the {split} split has no documents")
-        paths, depth = None, 0
-        if doc_paths is not None:  # a leaf's path is any of its documents'
-            paths, depth = {}, doc_paths.shape[1]
-            for docs, leaves in selection():
+        n_docs, paths = 0, {}  # a leaf's path is any of its documents'
+        for docs, leaves in selection():
+            n_docs += len(docs)
+            if doc_paths is not None:
                 new, first = np.unique(leaves, return_index=True)
                 for leaf, d in zip(new.tolist(), docs[first].tolist()):
                     paths.setdefault(leaf, tuple(np.asarray(doc_paths[d]).tolist()))
+        if n_docs == 0:
+            raise HiermemError(f"{self.path}: the {split} split has no documents")
+        depth = 0 if doc_paths is None else doc_paths.shape[1]
         store = self.doc_tokens()
         check_files([self.path / "doc_tokens" / n for n in ("tokens.npy", "offsets.npy")], "token store", full=True)
         pack_selection(store, selection, seq_len, self.tokenizer().eos_id, out, path_of_group=paths, depth=depth,
