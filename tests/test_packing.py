@@ -181,7 +181,7 @@ def test_sampler_order_in_a_file_is_the_same_order_and_not_held_in_ram(tmp_path,
     """With a work_dir the order of a large dataset is shuffled in a memory-mapped file: the same batches, epoch
     after epoch, nothing left in the folder, and tracemalloc's peak for the first batch does not grow with the
     rows (in RAM it holds 8 bytes a row: +2.4 MB from 100k to 400k rows)."""
-    monkeypatch.setattr("hiermem.data.packing.MMAP_ORDER_ROWS", 0)
+    monkeypatch.setattr("hiermem.data.npyfile.MMAP_ORDER_ROWS", 0)
     ref, filed = iter(BatchSampler(1001, 64, seed=3)), iter(BatchSampler(1001, 64, seed=3, work_dir=tmp_path))
     assert [next(ref).tolist() for _ in range(40)] == [next(filed).tolist() for _ in range(40)]  # 2.5 epochs
     assert list(tmp_path.iterdir()) == []

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from hiermem.bench.train_throughput import random_bank, shape_config
-from hiermem.data.sharding import plan_shards, rank_pools
+from hiermem.data.sharding import PathRuns, plan_shards, rank_pools
 from hiermem.memory.bank import MemoryBank
 from hiermem.memory.shard import ShardReducer, held_blocks
 from hiermem.memory.spec import GENERIC, spec_from_config
@@ -47,8 +47,9 @@ def worker(shape: str, steps: int, warmup: int, out: str, device: str) -> None:
     k, depth = cfg.routing.branching, cfg.routing.depth
     leaves = np.arange(k ** depth)
     all_paths = np.stack([leaves // k ** (depth - 1 - l) for l in range(depth)], axis=1).astype(np.int64)
-    plan = plan_shards(all_paths, np.ones(len(all_paths)), world.size)
-    pools = rank_pools(plan, all_paths[:, plan.level])
+    runs = PathRuns.of(all_paths, np.ones(len(all_paths)))
+    plan = plan_shards(runs, world.size)
+    pools = [np.asarray(p) for p in rank_pools(plan, runs)]
     per_rank = cfg.train.batch_size // world.size
 
     def rows(step: int, rank: int) -> np.ndarray:

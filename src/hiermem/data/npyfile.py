@@ -10,12 +10,15 @@ items (what a progress record said was durable) and appends from there. Only a b
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from pathlib import Path
 
 import numpy as np
 
 BUFFER_ITEMS = 1 << 16  # appended items held before they are written
+MMAP_ORDER_ROWS = 1 << 22  # permutation(): from this many items on (with a work_dir), in a memory-mapped file
+_names = itertools.count()
 
 
 class CannotResume(ValueError):
@@ -104,3 +107,11 @@ def shuffled_arange(n: int, rng: np.random.Generator, path: str | Path, chunk: i
     finally:
         path.unlink()
     return perm
+
+
+def permutation(n: int, rng: np.random.Generator, work_dir: str | Path | None = None) -> np.ndarray:
+    """rng.permutation(n): in RAM, or with a work_dir and from MMAP_ORDER_ROWS items on, shuffled_arange in a
+    hidden file there (8 bytes an item that are not anonymous memory; the same order either way)."""
+    if work_dir is None or n < MMAP_ORDER_ROWS:
+        return rng.permutation(n)
+    return shuffled_arange(n, rng, Path(work_dir) / f".order-{os.getpid()}-{next(_names)}.npy")

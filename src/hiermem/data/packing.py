@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from hiermem.data.npyfile import shuffled_arange
+from hiermem.data.npyfile import permutation
 from hiermem.errors import HiermemError
 from hiermem.io_utils import AtomicDir, atomic_write_json
 
@@ -31,7 +31,6 @@ PAD_SEGMENT = 65535  # segment value of padding tokens in segments.npy
 IGNORE_INDEX = -100  # target value ignored by the loss
 PACKING_ALGOS = ("concat", "best_fit")
 PACK_CHUNK = 1 << 16  # documents read at a time while packing
-MMAP_ORDER_ROWS = 1 << 22  # BatchSampler: from this many rows on, an epoch's order is in a memory-mapped file
 BEST_FIT_WINDOW = 1 << 20  # documents of one group placed together by best_fit (bounds its per-piece arrays)
 
 
@@ -560,11 +559,12 @@ class PackedDataset:
             stats["docs_split"] = m["n_docs_split"]
         return stats
 
-    def row_tokens(self, chunk: int = 4096) -> np.ndarray:
-        """Tokens (not padding) in each row, read `chunk` rows at a time."""
-        out = np.empty(len(self), np.int64)
-        for a in range(0, len(self), chunk):
-            out[a : a + chunk] = (self.segments[a : a + chunk] != PAD_SEGMENT).sum(axis=1)
+    def row_tokens(self, start: int, stop: int, chunk: int = 4096) -> np.ndarray:
+        """Tokens (not padding) in rows start .. stop-1, read `chunk` rows at a time."""
+        stop = min(stop, len(self))
+        out = np.empty(max(0, stop - start), np.int64)
+        for a in range(start, stop, chunk):
+            out[a - start : a - start + chunk] = (self.segments[a : min(stop, a + chunk)] != PAD_SEGMENT).sum(axis=1)
         return out
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
@@ -624,12 +624,9 @@ class BatchSampler:
         return self.batches_per_epoch * self.batch_size if self.drop_last else self.n
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """The epoch's order of the rows. With a work_dir, from MMAP_ORDER_ROWS rows on, the same order in a
-        memory-mapped file there (unlinked at once): 8 bytes a row that are not anonymous memory."""
-        rng = np.random.default_rng(self.seed + epoch)
-        if self.work_dir is None or self.n < MMAP_ORDER_ROWS:
-            return rng.permutation(self.n)
-        return shuffled_arange(self.n, rng, Path(self.work_dir) / f".order-{os.getpid()}-{id(self)}.npy")
+        """The epoch's order of the rows. With a work_dir, from npyfile.MMAP_ORDER_ROWS rows on, the same order
+        in a memory-mapped file there (unlinked at once): 8 bytes a row that are not anonymous memory."""
+        return permutation(self.n, np.random.default_rng(self.seed + epoch), self.work_dir)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         perm_epoch, perm = -1, None

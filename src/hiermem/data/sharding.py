@@ -15,15 +15,72 @@ sequences are split between its ranks and its blocks become shared blocks, reduc
 ShardedSampler gives every rank the same number of sequences per step from its own pool, as a pure function of
 (seed, plan, step): resuming needs only the step, and a single process can train on the union of all ranks'
 batches (the reference a multi-process run is tested against, and a way to reproduce one on one device).
+
+Nothing here holds a value per training sequence: a packed set lists each leaf's rows together, so the plan is
+made from runs of consecutive rows with one path (PathRuns, read from the packed files in chunks; one run per
+leaf), a rank's pool is a list of strided row ranges (RowPool), and a pool's order each pass is
+npyfile.permutation (memory-mapped from MMAP_ORDER_ROWS rows on). The batches are the ones a per-row plan
+made before this gave (tests/test_sharding.py keeps that plan as the reference), so old checkpoints resume
+on the same batches.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from hiermem.data.npyfile import permutation
 from hiermem.errors import HiermemError
+
+SCAN_ROWS = 1 << 16  # rows read at a time by PathRuns.scan
+
+
+@dataclass
+class PathRuns:
+    """The training sequences as runs of consecutive rows with one tree path: rows starts[i] .. starts[i] +
+    lengths[i] - 1 have path paths[i] and tokens[i] tokens in all."""
+
+    paths: np.ndarray  # [R, depth] int64
+    starts: np.ndarray  # [R] int64, ascending
+    lengths: np.ndarray  # [R] int64
+    tokens: np.ndarray  # [R] float64
+
+    @classmethod
+    def scan(cls, paths, row_tokens: Callable[[int, int], np.ndarray], chunk: int = SCAN_ROWS) -> "PathRuns":
+        """From per-row paths [N, depth] (memory-mapped is fine) and row_tokens(a, b) (the tokens of rows a..b-1),
+        `chunk` rows at a time."""
+        n = len(paths)
+        depth = paths.shape[1] if np.ndim(paths) == 2 else 0
+        if n == 0 or depth == 0:
+            raise HiermemError("data sharding needs training sequences with tree paths (a memory run packed by leaf)")
+        run_paths, starts, lengths, tokens = [], [], [], []
+        for a in range(0, n, chunk):
+            p = np.asarray(paths[a : a + chunk], np.int64)
+            t = np.asarray(row_tokens(a, a + len(p)), np.float64)
+            new = np.ones(len(p), bool)
+            new[1:] = (p[1:] != p[:-1]).any(axis=1)
+            first = np.flatnonzero(new)
+            sums = np.add.reduceat(t, first)
+            lens = np.diff(np.append(first, len(p)))
+            if run_paths and (run_paths[-1][-1] == p[0]).all():  # the previous chunk's last run goes on
+                lengths[-1][-1] += lens[0]
+                tokens[-1][-1] += sums[0]
+                first, sums, lens = first[1:], sums[1:], lens[1:]
+            run_paths.append(p[first])
+            starts.append(a + first)
+            lengths.append(lens.astype(np.int64))
+            tokens.append(sums)
+        return cls(np.concatenate(run_paths), np.concatenate(starts).astype(np.int64), np.concatenate(lengths),
+                   np.concatenate(tokens))
+
+    @classmethod
+    def of(cls, paths: np.ndarray, tokens: np.ndarray) -> "PathRuns":
+        """From in-memory per-row paths and token counts."""
+        tokens = np.asarray(tokens)
+        return cls.scan(np.asarray(paths), lambda a, b: tokens[a:b])
 
 
 @dataclass
@@ -55,18 +112,15 @@ class ShardPlan:
                 "tokens_per_rank": self.load.astype(int).tolist(), "imbalance": round(self.imbalance, 4)}
 
 
-def plan_shards(paths: np.ndarray, tokens: np.ndarray, world: int) -> ShardPlan:
-    """Assign subtrees to `world` ranks from each training sequence's path [N, depth] and token count [N]."""
-    paths = np.asarray(paths, np.int64)
-    tokens = np.asarray(tokens, np.float64)
+def plan_shards(runs: PathRuns, world: int) -> ShardPlan:
+    """Assign subtrees to `world` ranks from the training sequences' paths and token counts."""
     if world < 1:
         raise HiermemError(f"world size must be >= 1, got {world}")
-    if paths.ndim != 2 or paths.shape[1] == 0 or len(paths) == 0:
-        raise HiermemError("data sharding needs training sequences with tree paths (a memory run packed by leaf)")
+    paths = runs.paths
     depth = paths.shape[1]
     level = next((l for l in range(depth) if len(np.unique(paths[:, l])) >= world), depth - 1)
     units, inverse = np.unique(paths[:, level], return_inverse=True)
-    unit_tokens = np.bincount(inverse, weights=tokens, minlength=len(units))
+    unit_tokens = np.bincount(inverse, weights=runs.tokens, minlength=len(units))
     ranks_of: dict[int, list[int]] = {}
     load = np.zeros(world)
     if len(units) >= world:  # longest processing time first: each unit to the least loaded rank
@@ -87,28 +141,59 @@ def plan_shards(paths: np.ndarray, tokens: np.ndarray, world: int) -> ShardPlan:
                      np.unique(paths, axis=0))
 
 
-def rank_pools(plan: ShardPlan, unit_of_seq: np.ndarray) -> list[np.ndarray]:
-    """The sequence indices each rank trains on: its units' sequences; a unit with several ranks deals its
-    sequences out to them in turn."""
-    pools: list[list[np.ndarray]] = [[] for _ in range(plan.world)]
-    unit_of_seq = np.asarray(unit_of_seq, np.int64)
+class RowPool:
+    """A rank's training rows as strided ranges: range j is rows starts[j] + steps[j] * i for i < counts[j],
+    and the pool is those ranges one after the other. Behaves as the 1-d array of its rows for len() and
+    take()."""
+
+    def __init__(self, starts, steps, counts):
+        keep = np.asarray(counts) > 0
+        self.starts = np.asarray(starts, np.int64)[keep]
+        self.steps = np.asarray(steps, np.int64)[keep]
+        self.counts = np.asarray(counts, np.int64)[keep]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def take(self, positions) -> np.ndarray:
+        pos = np.asarray(positions, np.int64)
+        j = np.searchsorted(self.offsets, pos, side="right") - 1
+        return self.starts[j] + (pos - self.offsets[j]) * self.steps[j]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # for tests and small pools
+        return self.take(np.arange(len(self))).astype(dtype or np.int64)
+
+
+def rank_pools(plan: ShardPlan, runs: PathRuns) -> list[RowPool]:
+    """The rows each rank trains on: its units' rows (in ascending row order within a unit); a unit with
+    several ranks deals its rows out to them in turn (the unit's i-th row to its rank i mod m)."""
+    unit_of_run = runs.paths[:, plan.level]
+    pools: list[tuple[list, list, list]] = [([], [], []) for _ in range(plan.world)]
     for u, ranks in plan.ranks_of.items():
-        seqs = np.flatnonzero(unit_of_seq == u)
+        sel = np.flatnonzero(unit_of_run == u)
+        starts, lengths = runs.starts[sel], runs.lengths[sel]
+        before = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # the unit's rows ahead of each run
+        m = len(ranks)
         for k, r in enumerate(ranks):
-            pools[r].append(seqs[k::len(ranks)])
-    return [np.concatenate(p) if p else np.zeros(0, np.int64) for p in pools]
+            first = (k - before) % m  # the first row of each run that is rank k's
+            pools[r][0].append(starts + first)
+            pools[r][1].append(np.full(len(sel), m))
+            pools[r][2].append(np.maximum(0, -(-(lengths - first) // m)))
+    return [RowPool(*(np.concatenate(c) if c else np.zeros(0, np.int64) for c in p)) for p in pools]
 
 
 class ShardedSampler:
     """Per-rank batches of `per_rank` sequences from each rank's own pool, each pool reshuffled every pass
     (seeded by seed, rank and pass). batch(step, rank) is rank's batch; union(step) is all ranks' batches in
-    rank order, the global batch of that step."""
+    rank order, the global batch of that step. A pool is a RowPool or a 1-d array of rows; with a work_dir a
+    large pool's order is a memory-mapped file there (npyfile.permutation)."""
 
-    def __init__(self, pools: list[np.ndarray], per_rank: int, seed: int = 0):
+    def __init__(self, pools, per_rank: int, seed: int = 0, work_dir: str | Path | None = None):
         empty = [r for r, p in enumerate(pools) if not len(p)]
         if empty:
             raise HiermemError(f"data sharding: rank {empty[0]} has no training sequences")
-        self.pools, self.per_rank, self.seed = pools, per_rank, seed
+        self.pools, self.per_rank, self.seed, self.work_dir = pools, per_rank, seed, work_dir
         self._perm: dict[tuple[int, int], np.ndarray] = {}
 
     @property
@@ -116,22 +201,24 @@ class ShardedSampler:
         return len(self.pools)
 
     def _permutation(self, rank: int, epoch: int) -> np.ndarray:
+        """Positions in rank's pool in the order of pass `epoch`."""
         key = (rank, epoch)
         if key not in self._perm:
             if len(self._perm) > 4 * self.world:  # keep the current passes only
                 self._perm.clear()
-            pool = self.pools[rank]
-            self._perm[key] = pool[np.random.default_rng([self.seed, rank, epoch]).permutation(len(pool))]
+            rng = np.random.default_rng([self.seed, rank, epoch])
+            self._perm[key] = permutation(len(self.pools[rank]), rng, self.work_dir)
         return self._perm[key]
 
     def batch(self, step: int, rank: int) -> np.ndarray:
         n = len(self.pools[rank])
         pos = np.arange(step * self.per_rank, (step + 1) * self.per_rank)
         epochs, offsets = pos // n, pos % n
-        return np.array([self._permutation(rank, int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
+        order = np.array([self._permutation(rank, int(e))[o] for e, o in zip(epochs, offsets)], np.int64)
+        return np.asarray(self.pools[rank].take(order), np.int64)
 
     def union(self, step: int) -> np.ndarray:
         return np.concatenate([self.batch(step, r) for r in range(self.world)])
 
 
-__all__ = ["ShardPlan", "ShardedSampler", "plan_shards", "rank_pools"]
+__all__ = ["PathRuns", "RowPool", "ShardPlan", "ShardedSampler", "plan_shards", "rank_pools"]

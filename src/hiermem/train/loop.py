@@ -48,7 +48,7 @@ from hiermem.config import (Config, check_training, diff_fields, from_dict, read
                              to_dict)
 from hiermem.data.packing import BatchSampler
 from hiermem.data.prepare import DataDir
-from hiermem.data.sharding import ShardedSampler, plan_shards, rank_pools
+from hiermem.data.sharding import PathRuns, ShardedSampler, plan_shards, rank_pools
 from hiermem.data.tokenizer import Tokenizer, resolve_vocab
 from hiermem.device import resolve_device
 from hiermem.errors import HiermemError
@@ -343,9 +343,9 @@ class Trainer:
         if per_step % n:
             raise HiermemError(f"config: the global batch (train.batch_size x train.grad_accum = {per_step}) "
                                f"must divide evenly over {n} data shards")
-        paths = np.asarray(self.dataset.paths)
-        plan = plan_shards(paths, self.dataset.row_tokens(), n)
-        sampler = ShardedSampler(rank_pools(plan, paths[:, plan.level]), per_step // n, seed=t.seed)
+        runs = PathRuns.scan(self.dataset.paths, self.dataset.row_tokens)  # one run per leaf: nothing per row
+        plan = plan_shards(runs, n)
+        sampler = ShardedSampler(rank_pools(plan, runs), per_step // n, seed=t.seed, work_dir=self.cfg.run_dir)
         return plan, sampler
 
     def _indices(self, batches, step: int) -> np.ndarray:
