@@ -85,7 +85,7 @@ def test_the_export_folder(exported, memory_run):
                                                    "tokenizer.json", "tokenizer_config.json", "modeling_hiermem.py",
                                                    "hiermem"}
     assert {p.name for p in (exported / "hiermem").iterdir()} == {"export.json", "config.yaml", "tree.npz", "bank",
-                                                                 "knn.npz"}
+                                                                 "knn_emb.npy", "knn_paths.npy"}
     assert (exported / "tokenizer.json").read_bytes() == (memory_run / "tokenizer.json").read_bytes()
     run = open_run(str(memory_run), device="cpu")
     gen = GenerationConfig.from_pretrained(exported)

@@ -129,6 +129,10 @@ def test_make_router_and_errors(blob_setup):
         KnnRouter(tree, X, paths[:, ::-1], k=5)  # not root-to-leaf paths
     with pytest.raises(HiermemError, match="shape"):
         KnnRouter(tree, X[:, :8], paths)
+    with pytest.raises(HiermemError, match="skip mask has 3 entries for 400 documents"):
+        KnnRouter(tree, X, paths, skip=np.zeros(3, bool))
+    with pytest.raises(HiermemError, match="every document is skipped"):
+        KnnRouter(tree, X, paths, skip=np.ones(len(X), bool))
 
 
 def test_routing_agreement(blob_setup):
@@ -141,3 +145,63 @@ def test_routing_agreement(blob_setup):
         assert shifted["leaf"] == 0.0 and shifted["levels"] == [0.75, 0.0]
     with pytest.raises(HiermemError, match="queries"):
         routing_agreement(CentroidRouter(tree), Q, target[:3])
+
+
+def test_knn_scan_of_a_memory_map_is_the_in_ram_index(blob_setup, tmp_path, monkeypatch):
+    """Above ram_docs (routing.knn_ram_docs) the index is a blocked scan of the (memory-mapped) embeddings: the same neighbours,
+    similarities and routes (plain, blocked, duplicates) as the in-RAM faiss index, with skipped documents (the
+    validation split) in neither, and blocks smaller than k."""
+    X, paths, Q, _, tree = blob_setup
+    emb = np.lib.format.open_memmap(tmp_path / "emb.npy", "w+", np.float32, X.shape)
+    emb[:] = 3.0 * X  # the router normalises what it reads
+    skip = np.random.default_rng(1).random(len(X)) < 0.2
+    queries = np.concatenate([Q, X[:20]])  # held-out prompts and training documents (duplicates)
+    ram = KnnRouter(tree, emb, paths, k=10, skip=skip)
+    monkeypatch.setattr("hiermem.routing.routers.KNN_BLOCK_DOCS", 7)
+    scan = KnnRouter(tree, emb, paths, k=10, skip=skip, ram_docs=0)
+    assert scan.index._flat is None and ram.index._flat is not None
+    assert scan.index.ntotal == ram.index.ntotal == int((~skip).sum())
+    for kk in (1, 10, 74):
+        (s1, i1), (s2, i2) = ram.index.search(unit(queries), kk), scan.index.search(unit(queries), kk)
+        assert np.array_equal(i1, i2) and np.allclose(s1, s2, atol=1e-6)
+        assert not skip[i1].any()
+    for level in (None, 0, 1):
+        assert np.array_equal(ram.route(queries, block_level=level), scan.route(queries, block_level=level))
+    skipped = np.flatnonzero(skip)[:5]  # a skipped document is not its own neighbour
+    assert not np.isin(scan.index.search(unit(X[skipped]), 1)[1], skipped).any()
+
+
+def test_knn_scan_holds_a_block_not_the_corpus(tmp_path, monkeypatch):
+    """Building the scanning router and routing a batch: the same traced (numpy) memory for 4x more
+    memory-mapped documents, and a peak RssAnon (faiss's C++ side included) far below the in-RAM index's, which
+    holds every embedding."""
+    from traced import traced_peak
+
+    from hiermem.bench.bank_scale import PeakRss, proc_status
+
+    monkeypatch.setattr("hiermem.routing.routers.KNN_BLOCK_DOCS", 4096)
+    tree = Tree(1, 4, [unit(np.random.default_rng(0).standard_normal((4, 32)))])
+    q = unit(np.random.default_rng(1).standard_normal((8, 32)))
+
+    def files(n):
+        emb = np.lib.format.open_memmap(tmp_path / f"e{n}.npy", "w+", np.float32, (n, 32))
+        paths = np.lib.format.open_memmap(tmp_path / f"p{n}.npy", "w+", np.int64, (n, 1))
+        rng = np.random.default_rng(n)
+        for a in range(0, n, 50_000):
+            emb[a : a + 50_000] = rng.standard_normal((min(n, a + 50_000) - a, 32))
+            paths[a : a + 50_000, 0] = rng.integers(0, 4, min(n, a + 50_000) - a)
+        return emb, paths
+
+    data = {n: files(n) for n in (1000, 100_000, 400_000)}
+    peaks = {n: traced_peak(lambda: KnnRouter(tree, *data[n], k=10, ram_docs=0).route(q)) for n in data}  # 1st: caches
+    assert peaks[400_000] - peaks[100_000] < 100_000, peaks
+
+    def rss_growth(ram_docs):
+        before = proc_status()["RssAnon"]
+        with PeakRss() as rss:
+            KnnRouter(tree, *data[400_000], k=10, ram_docs=ram_docs).route(q)
+        return rss.peak - before
+
+    if "RssAnon" in proc_status():
+        scan, in_ram = rss_growth(0), rss_growth(1 << 30)
+        assert scan < 16 << 20 and in_ram > 45 << 20, (scan, in_ram)  # 400k x 32 float32 = 51 MB

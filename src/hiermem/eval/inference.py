@@ -39,13 +39,13 @@ class MemoryContext:
     @property
     def router(self):
         if self._router is None:
-            doc_emb = doc_paths = None
-            if self.router_name == "knn":
+            doc_emb = doc_paths = skip = None
+            if self.router_name == "knn":  # every training document, memory-mapped (the router reads blocks)
                 c = self.run.clustering()
-                train = ~self.run.data().is_val()
-                doc_emb, doc_paths = np.asarray(c.doc_emb())[train], c.doc_paths[train]
+                doc_emb, doc_paths, skip = c.doc_emb(), c.doc_paths, self.run.data().is_val()
             self._router = make_router(self.router_name, self.run.tree, doc_emb=doc_emb, doc_paths=doc_paths,
-                                       k=self.run.cfg.routing.knn_k)
+                                       k=self.run.cfg.routing.knn_k, skip=skip,
+                                       ram_docs=self.run.cfg.routing.knn_ram_docs)
         return self._router
 
     def route(self, texts: list[str]) -> np.ndarray:

@@ -57,20 +57,21 @@ def build_context(docs: list[list[int]], prompt: list[int], max_seq_len: int, ma
 
 
 class Retriever:
-    """The nearest training documents of texts, searched in a knn router's index."""
+    """The nearest training documents of texts, searched in a knn router's index (which answers document ids)."""
 
-    def __init__(self, router: KnnRouter, embedder, data: DataDir, train_docs: np.ndarray):
-        if router.index.ntotal != len(train_docs):
+    def __init__(self, router: KnnRouter, embedder, data: DataDir):
+        is_val = data.is_val()
+        n_train = len(is_val) - int(np.count_nonzero(is_val))
+        if router.index.ntotal != n_train:
             raise HiermemError(f"{data.path}: the knn index holds {router.index.ntotal} documents, the split "
-                               f"{len(train_docs)} training documents (re-prepared since clustering?)")
+                               f"{n_train} training documents (re-prepared since clustering?)")
         self.router, self.embedder, self.data = router, embedder, data
-        self.train_docs = train_docs  # document id of each index row
 
     def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """(document ids [n, k'], cosine similarities [n, k']), nearest first; k' = min(k, training documents)."""
         q = np.ascontiguousarray(l2_normalize(self.embedder.encode(list(texts))))  # as KnnRouter.route
-        sims, rows = self.router.index.search(q, min(k, self.router.index.ntotal))
-        return self.train_docs[rows], sims
+        sims, ids = self.router.index.search(q, k)
+        return ids, sims
 
 
 class Rag:
@@ -105,11 +106,11 @@ def make_rag(run: Run, ctx: MemoryContext, k: int) -> Rag | None:
     if k == 0:
         return None
     data = run.data()
-    train_docs = np.flatnonzero(~data.is_val())  # the knn index holds the training documents, in order
     if run.tree is not None:  # a memory run: its knn router (shared with routing when that is knn)
         router = ctx.router if ctx.router_name == "knn" else MemoryContext(run, "none", "knn").router
-    else:
+    else:  # the training documents of the data directory's clustering, memory-mapped
         tree, c = _anchor_knn(run, data)
-        router = make_router("knn", tree, doc_emb=np.asarray(c.doc_emb())[train_docs],
-                             doc_paths=c.doc_paths[train_docs], k=run.cfg.routing.knn_k)
-    return Rag(Retriever(router, ctx.embedder, data, train_docs), run.tokenizer, k, run.model.cfg.max_seq_len)
+        r = run.cfg.routing
+        router = make_router("knn", tree, doc_emb=c.doc_emb(), doc_paths=c.doc_paths, k=r.knn_k, skip=data.is_val(),
+                             ram_docs=r.knn_ram_docs)
+    return Rag(Retriever(router, ctx.embedder, data), run.tokenizer, k, run.model.cfg.max_seq_len)

@@ -6,7 +6,7 @@ OUT/
   modeling_hiermem.py                                         only when no stock architecture matches (below)
   hiermem/export.json                                         what was exported, from which run
   hiermem/config.yaml                                         the run's config (routing, memory shape, storage)
-  hiermem/tree.npz, hiermem/bank/, hiermem/knn.npz            memory runs: tree, bank, knn router's index
+  hiermem/tree.npz, hiermem/bank/, hiermem/knn_*.npy         memory runs: tree, bank, knn router's index
 
 Architecture: an anchor without QK-norm whose d_model is a multiple of n_heads is exactly a stock Llama
 (LlamaForCausalLM: pre-norm RMSNorm blocks, SwiGLU, rotate-half RoPE, no biases, explicit head_dim). Any other
@@ -40,6 +40,7 @@ from hiermem.model.hf import modeling_hiermem
 from hiermem.model.hf.modeling_hiermem import HiermemConfig, HiermemForCausalLM
 from hiermem.io_utils import atomic_dir, atomic_write_json
 from hiermem.model.transformer import Transformer
+from hiermem.routing.routers import KNN_BLOCK_DOCS
 
 EXPORT_DIR = "hiermem"  # inside OUT: everything besides the transformers model
 EXPORT_FORMAT, EXPORT_VERSION = "hiermem-export", 1
@@ -114,12 +115,27 @@ def save_tokenizer(tokenizer_json: Path, out: Path, max_len: int, eos: str = EOS
     shutil.copyfile(tokenizer_json, out / "tokenizer.json")
 
 
-def knn_index(run: Run) -> dict[str, np.ndarray]:
-    """The knn router's index: the training documents' embeddings and paths (as eval/inference.py builds it).
-    Refuses a data directory tokenised with another tokenizer than the run's, or re-clustered since."""
-    c = run.clustering()
-    train = ~run.data().is_val()
-    return {"doc_emb": np.asarray(c.doc_emb())[train], "doc_paths": c.doc_paths[train]}
+KNN_FILES = ("knn_emb.npy", "knn_paths.npy")  # the knn router's index in an export
+
+
+def write_knn_index(clustering, is_val, side: Path) -> None:
+    """The knn router's index: the training documents' embeddings and paths (the documents eval/inference.py
+    indexes), written as KNN_FILES into side, KNN_BLOCK_DOCS documents at a time (an export opens them
+    memory-mapped)."""
+    emb, paths = clustering.doc_emb(), clustering.doc_paths
+    n = len(is_val) - int(np.count_nonzero(is_val))
+    out_emb = np.lib.format.open_memmap(side / KNN_FILES[0], "w+", emb.dtype, (n, emb.shape[1]))
+    out_paths = np.lib.format.open_memmap(side / KNN_FILES[1], "w+", paths.dtype, (n, paths.shape[1]))
+    at = 0
+    for a in range(0, len(emb), KNN_BLOCK_DOCS):
+        keep = ~np.asarray(is_val[a : a + KNN_BLOCK_DOCS], bool)
+        m = int(keep.sum())
+        out_emb[at : at + m] = np.asarray(emb[a : a + KNN_BLOCK_DOCS])[keep]
+        out_paths[at : at + m] = np.asarray(paths[a : a + KNN_BLOCK_DOCS])[keep]
+        at += m
+    for arr in (out_emb, out_paths):
+        arr.flush()  # atomic_dir fsyncs the folder's files before its rename
+    del out_emb, out_paths
 
 
 def export_run(run_dir: str | Path, out: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
@@ -132,7 +148,8 @@ def export_run(run_dir: str | Path, out: str | Path, overrides: list[str] | tupl
         raise HiermemError(f"{run_dir}: memory.kind={run.bank.spec.kind}: export supports ffn memory only")
     meta = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "run": str(run.path.resolve()),
             "memory": run.bank is not None, "eos_id": run.tokenizer.eos_id}
-    knn = knn_index(run) if run.bank is not None else None  # before writing anything: it checks the data dir
+    # before writing anything: the clustering checks the data directory (tokenizer, tree) in one-line errors
+    clustering, is_val = (run.clustering(), run.data().is_val()) if run.bank is not None else (None, None)
     with atomic_dir(out) as tmp:
         meta.update(save_anchor(run.model, run.tokenizer.eos_id, tmp))
         save_tokenizer(run.path / "tokenizer.json", tmp, run.cfg.model.max_seq_len, run.tokenizer.eos_token)
@@ -142,7 +159,7 @@ def export_run(run_dir: str | Path, out: str | Path, overrides: list[str] | tupl
         if run.bank is not None:  # the tree, the bank at its current generation (weights only), the knn index
             run.tree.save(side / "tree.npz")
             run.bank.save(side / "bank")
-            np.savez(side / "knn.npz", **knn)
+            write_knn_index(clustering, is_val, side)
         atomic_write_json(side / "export.json", meta)
     return meta
 

@@ -20,7 +20,7 @@ import torch
 
 from hiermem.config import MEMORY_MODES, read_config
 from hiermem.errors import HiermemError
-from hiermem.hf.export import EXPORT_DIR, EXPORT_FORMAT, EXPORT_VERSION
+from hiermem.hf.export import EXPORT_DIR, EXPORT_FORMAT, EXPORT_VERSION, KNN_FILES
 from hiermem.model.hf.load import load_model, load_tokenizer
 from hiermem.model.hf.mlp import MemoryHooks
 from hiermem.memory.bank import MemoryBank
@@ -85,10 +85,10 @@ class MemoryModel:
         if self._router is None:
             r = self.cfg.routing
             emb = paths = None
-            if r.router == "knn":
-                with np.load(self.path / EXPORT_DIR / "knn.npz") as z:
-                    emb, paths = z["doc_emb"], z["doc_paths"]
-            self._router = make_router(r.router, self.tree, doc_emb=emb, doc_paths=paths, k=r.knn_k)
+            if r.router == "knn":  # memory-mapped: the router reads its index in blocks
+                emb, paths = (np.load(self.path / EXPORT_DIR / f, mmap_mode="r") for f in KNN_FILES)
+            self._router = make_router(r.router, self.tree, doc_emb=emb, doc_paths=paths, k=r.knn_k,
+                                       ram_docs=r.knn_ram_docs)
         return self._router
 
     def route(self, texts: list[str]) -> np.ndarray:

@@ -3,7 +3,9 @@
 * CentroidRouter: the paper's greedy centroid descent (Sec. 2.1).
 * KnnRouter: a similarity-weighted vote over the leaves of the k nearest training documents.
   the prototype (docs/method.md §9) found centroid descent sent a probe to its entity's leaf only 25-30 % of the time,
-  while this vote reached 76-87 % and scored like an oracle; both are kept and reported.
+  while this vote reached 76-87 % and scored like an oracle; both are kept and reported. Its index (DocIndex)
+  is exact: in RAM up to routing.knn_ram_docs documents, above that a blocked scan of the memory-mapped
+  embeddings.
 
 Both support the paper's blocking experiment (Fig. 6b): with block_level=l, the node at level l that the
 query would reach (with its whole subtree) is forbidden and the query goes to the next best.
@@ -65,30 +67,93 @@ def _vote(leaves: np.ndarray, sims: np.ndarray, valid: np.ndarray) -> np.ndarray
     return np.where(valid.any(axis=1), choice, -1)
 
 
-class KnnRouter:
-    def __init__(self, tree: Tree, doc_emb: np.ndarray, doc_paths: np.ndarray, k: int = 10):
+RAM_DOCS = 2_000_000  # routing.knn_ram_docs's default: documents the knn index holds in RAM (3 GB at 384-d)
+KNN_BLOCK_DOCS = 1 << 16  # documents read at a time: building the index, checking paths, scanning
+
+
+class DocIndex:
+    """Exact inner-product search over the L2-normalised embeddings of the documents not in `skip`, answering
+    document ids (rows of doc_emb). Up to ram_docs documents it is a faiss IndexFlatIP in RAM; above, each
+    search scans the (memory-mapped) embeddings KNN_BLOCK_DOCS rows at a time and merges the blocks' results in
+    a faiss ResultHeap: the same neighbours (ties aside), a block of memory instead of the whole corpus, and a
+    full read of the embeddings per batch of queries."""
+
+    def __init__(self, doc_emb, skip=None, ram_docs: int = RAM_DOCS):
         import faiss
 
-        doc_emb, doc_paths = np.asarray(doc_emb), np.asarray(doc_paths)
-        if doc_emb.ndim != 2 or doc_emb.shape[1] != tree.dim or len(doc_emb) == 0:
-            raise HiermemError(f"knn router: document embeddings have shape {doc_emb.shape}, expected [N>0, {tree.dim}]")
-        if doc_paths.shape != (len(doc_emb), tree.depth):
-            raise HiermemError(f"knn router: document paths have shape {doc_paths.shape}, "
-                               f"expected ({len(doc_emb)}, {tree.depth}) (one path per document)")
-        doc_paths = doc_paths.astype(np.int64)
-        if not np.array_equal(doc_paths, paths_from_leaves(doc_paths[:, -1], tree.depth, tree.branching)) or \
-                doc_paths[:, -1].min() < 0 or doc_paths[:, -1].max() >= tree.n_nodes(tree.depth - 1):
+        self.doc_emb, self.skip, self.dim = doc_emb, skip, doc_emb.shape[1]
+        self.ntotal = sum(len(ids) for ids, _ in self._blocks(vectors=False))
+        self._flat = None
+        if self.ntotal <= ram_docs:
+            self._flat = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
+            for ids, x in self._blocks():
+                self._flat.add_with_ids(x, ids)
+
+    def _blocks(self, vectors: bool = True):
+        """(document ids, their normalised float32 embeddings or None) per block of KNN_BLOCK_DOCS rows."""
+        for a in range(0, len(self.doc_emb), KNN_BLOCK_DOCS):
+            b = min(len(self.doc_emb), a + KNN_BLOCK_DOCS)
+            keep = np.ones(b - a, bool) if self.skip is None else ~np.asarray(self.skip[a:b], bool)
+            ids = a + np.flatnonzero(keep)
+            if len(ids):
+                yield ids, (np.ascontiguousarray(l2_normalize(np.asarray(self.doc_emb[a:b], np.float32)[keep]))
+                            if vectors else None)
+
+    def search(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, document ids) [n, min(kk, ntotal)], most similar first."""
+        import faiss
+
+        kk = min(kk, self.ntotal)
+        if self._flat is not None:
+            return self._flat.search(q, kk)
+        heap, flat = faiss.ResultHeap(len(q), kk, keep_max=True), faiss.IndexFlatIP(self.dim)
+        for ids, x in self._blocks():
+            flat.add(x)
+            sims, rows = flat.search(q, min(kk, len(ids)))
+            flat.reset()
+            pad = kk - rows.shape[1]  # a block smaller than kk: the heap takes [n, kk] results
+            sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf).astype(np.float32)
+            heap.add_result(sims, np.pad(ids[rows], ((0, 0), (0, pad)), constant_values=-1))
+        heap.finalize()
+        return heap.D, heap.I
+
+
+def _check_doc_paths(tree: Tree, doc_paths, n: int) -> None:
+    """One-line errors for document paths that are not one root-to-leaf path of `tree` per document."""
+    if doc_paths.shape != (n, tree.depth):
+        raise HiermemError(f"knn router: document paths have shape {doc_paths.shape}, "
+                           f"expected ({n}, {tree.depth}) (one path per document)")
+    for a in range(0, n, KNN_BLOCK_DOCS):
+        p = np.asarray(doc_paths[a : a + KNN_BLOCK_DOCS], np.int64)
+        if not np.array_equal(p, paths_from_leaves(p[:, -1], tree.depth, tree.branching)) or \
+                p[:, -1].min() < 0 or p[:, -1].max() >= tree.n_nodes(tree.depth - 1):
             raise HiermemError("knn router: document paths are not valid root-to-leaf paths of this tree")
+
+
+class KnnRouter:
+    """doc_emb [N, dim] and doc_paths [N, depth] of the documents (memory-mapped is fine: read in blocks);
+    skip, an optional bool [N], leaves documents out of the index (the validation split); ram_docs: the most
+    documents held in RAM (routing.knn_ram_docs; above, DocIndex scans)."""
+
+    def __init__(self, tree: Tree, doc_emb, doc_paths, k: int = 10, skip=None, ram_docs: int = RAM_DOCS):
+        if not hasattr(doc_emb, "shape"):
+            doc_emb = np.asarray(doc_emb)
+        if len(doc_emb.shape) != 2 or doc_emb.shape[1] != tree.dim or len(doc_emb) == 0:
+            raise HiermemError(f"knn router: document embeddings have shape {doc_emb.shape}, expected [N>0, {tree.dim}]")
+        doc_paths = doc_paths if hasattr(doc_paths, "shape") else np.asarray(doc_paths)
+        _check_doc_paths(tree, doc_paths, len(doc_emb))
+        if skip is not None and len(skip) != len(doc_emb):
+            raise HiermemError(f"knn router: the skip mask has {len(skip)} entries for {len(doc_emb)} documents")
         config.check_value("routing.knn_k", k, label="routing.knn_k")
         self.tree, self.k = tree, int(k)
         self.doc_paths = doc_paths
         self.name = f"knn:k={self.k}"
-        self.index = faiss.IndexFlatIP(tree.dim)
-        self.index.add(np.ascontiguousarray(l2_normalize(doc_emb)))
+        self.index = DocIndex(doc_emb, skip, ram_docs)
+        if self.index.ntotal == 0:
+            raise HiermemError("knn router: every document is skipped (no training documents to vote among)")
 
     def _search(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        sims, idx = self.index.search(q, min(kk, self.index.ntotal))
-        return sims, idx  # faiss pads missing neighbours with idx -1 (cannot happen with kk <= N)
+        return self.index.search(q, kk)  # document ids; kk <= ntotal, so no neighbour is missing
 
     def _vote_paths(self, sims: np.ndarray, idx: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Leaf per query by vote over the first k valid neighbours; -1 where none is valid."""
@@ -129,7 +194,7 @@ class KnnRouter:
 
 
 def make_router(name: str, tree: Tree, doc_emb: np.ndarray | None = None, doc_paths: np.ndarray | None = None,
-                k: int = 10) -> Router:
+                k: int = 10, skip: np.ndarray | None = None, ram_docs: int = RAM_DOCS) -> Router:
     config.check_value("routing.router", name, label="--router / routing.router")
     if name == "centroid":
         return CentroidRouter(tree)
@@ -137,7 +202,7 @@ def make_router(name: str, tree: Tree, doc_emb: np.ndarray | None = None, doc_pa
         if doc_emb is None or doc_paths is None:
             raise HiermemError("--router knn (routing.router) needs the training documents' embeddings and paths "
                                "(run `hiermem prepare` and `hiermem cluster` first)")
-        return KnnRouter(tree, doc_emb, doc_paths, k=k)
+        return KnnRouter(tree, doc_emb, doc_paths, k=k, skip=skip, ram_docs=ram_docs)
     raise AssertionError(f"routing.router={name!r} passed its check but has no router")
 
 
