@@ -138,6 +138,18 @@ def test_memory_model_runs_the_export_with_the_runs_memory(exported, memory_run,
     assert got_text == generate_text(str(memory_run), PROMPTS, memory=memory, max_new_tokens=12, device="cpu")
 
 
+def test_an_export_with_the_older_knn_npz_routes_the_same(exported, tmp_path):
+    """Exports written before knn_emb.npy/knn_paths.npy held the index as hiermem/knn.npz: still read."""
+    old = tmp_path / "old"
+    shutil.copytree(exported, old)
+    side = old / "hiermem"
+    np.savez(side / "knn.npz", doc_emb=np.load(side / "knn_emb.npy"), doc_paths=np.load(side / "knn_paths.npy"))
+    for name in ("knn_emb.npy", "knn_paths.npy"):
+        (side / name).unlink()
+    assert np.array_equal(MemoryModel.from_pretrained(old).route(PROMPTS),
+                          MemoryModel.from_pretrained(exported).route(PROMPTS))
+
+
 def test_bad_input_gets_one_line_and_exit_code_2(exported, memory_run, tmp_path, capsys):
     not_a_run = tmp_path / "empty"
     not_a_run.mkdir()

@@ -16,27 +16,11 @@ def pools_rows(plan, paths):
 
 # -- the per-row plan this module replaced: the reference the run-based one must give the same batches as ---
 def reference_plan(paths, tokens, world):
-    """units, ranks_of (in its order), load: computed row by row."""
-    depth = paths.shape[1]
-    level = next((l for l in range(depth) if len(np.unique(paths[:, l])) >= world), depth - 1)
-    units, inverse = np.unique(paths[:, level], return_inverse=True)
-    unit_tokens = np.bincount(inverse, weights=tokens, minlength=len(units))
-    ranks_of, load = {}, np.zeros(world)
-    if len(units) >= world:
-        for j in sorted(range(len(units)), key=lambda j: (-unit_tokens[j], units[j])):
-            r = int(np.argmin(load))
-            ranks_of[int(units[j])] = (r,)
-            load[r] += unit_tokens[j]
-    else:
-        counts = np.ones(len(units), np.int64)
-        for _ in range(world - len(units)):
-            counts[int(np.argmax(unit_tokens / counts))] += 1
-        r = 0
-        for j, u in enumerate(units.tolist()):
-            ranks_of[u] = tuple(range(r, r + counts[j]))
-            load[r:r + counts[j]] = unit_tokens[j] / counts[j]
-            r += counts[j]
-    return level, ranks_of, load
+    """level, ranks_of (in its order), load, with every row its own run (the plan as it was made row by row)."""
+    n = len(paths)
+    plan = plan_shards(PathRuns(np.asarray(paths, np.int64), np.arange(n), np.ones(n, np.int64),
+                                np.asarray(tokens, np.float64)), world)
+    return plan.level, plan.ranks_of, plan.load
 
 
 def reference_pools(level, ranks_of, paths, world):

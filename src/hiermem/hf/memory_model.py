@@ -85,8 +85,12 @@ class MemoryModel:
         if self._router is None:
             r = self.cfg.routing
             emb = paths = None
-            if r.router == "knn":  # memory-mapped: the router reads its index in blocks
-                emb, paths = (np.load(self.path / EXPORT_DIR / f, mmap_mode="r") for f in KNN_FILES)
+            side = self.path / EXPORT_DIR
+            if r.router == "knn" and (side / "knn.npz").is_file():  # an export written before KNN_FILES
+                with np.load(side / "knn.npz") as z:
+                    emb, paths = z["doc_emb"], z["doc_paths"]
+            elif r.router == "knn":  # memory-mapped: the router reads its index in blocks
+                emb, paths = (np.load(side / f, mmap_mode="r") for f in KNN_FILES)
             self._router = make_router(r.router, self.tree, doc_emb=emb, doc_paths=paths, k=r.knn_k,
                                        ram_docs=r.knn_ram_docs)
         return self._router

@@ -82,22 +82,21 @@ class DocIndex:
         import faiss
 
         self.doc_emb, self.skip, self.dim = doc_emb, skip, doc_emb.shape[1]
-        self.ntotal = sum(len(ids) for ids, _ in self._blocks(vectors=False))
+        self.ntotal = len(doc_emb) - (0 if skip is None else int(np.count_nonzero(skip)))
         self._flat = None
         if self.ntotal <= ram_docs:
             self._flat = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
             for ids, x in self._blocks():
                 self._flat.add_with_ids(x, ids)
 
-    def _blocks(self, vectors: bool = True):
-        """(document ids, their normalised float32 embeddings or None) per block of KNN_BLOCK_DOCS rows."""
+    def _blocks(self):
+        """(document ids, their normalised float32 embeddings) per block of KNN_BLOCK_DOCS rows."""
         for a in range(0, len(self.doc_emb), KNN_BLOCK_DOCS):
             b = min(len(self.doc_emb), a + KNN_BLOCK_DOCS)
             keep = np.ones(b - a, bool) if self.skip is None else ~np.asarray(self.skip[a:b], bool)
             ids = a + np.flatnonzero(keep)
             if len(ids):
-                yield ids, (np.ascontiguousarray(l2_normalize(np.asarray(self.doc_emb[a:b], np.float32)[keep]))
-                            if vectors else None)
+                yield ids, np.ascontiguousarray(l2_normalize(np.asarray(self.doc_emb[a:b], np.float32)[keep]))
 
     def search(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, document ids) [n, min(kk, ntotal)], most similar first."""
@@ -136,8 +135,7 @@ class KnnRouter:
     documents held in RAM (routing.knn_ram_docs; above, DocIndex scans)."""
 
     def __init__(self, tree: Tree, doc_emb, doc_paths, k: int = 10, skip=None, ram_docs: int = RAM_DOCS):
-        if not hasattr(doc_emb, "shape"):
-            doc_emb = np.asarray(doc_emb)
+        doc_emb = doc_emb if hasattr(doc_emb, "shape") else np.asarray(doc_emb)  # a memory map stays one
         if len(doc_emb.shape) != 2 or doc_emb.shape[1] != tree.dim or len(doc_emb) == 0:
             raise HiermemError(f"knn router: document embeddings have shape {doc_emb.shape}, expected [N>0, {tree.dim}]")
         doc_paths = doc_paths if hasattr(doc_paths, "shape") else np.asarray(doc_paths)
