@@ -218,3 +218,18 @@ def test_wordllama():
     assert e.encode([]).shape == (0, 256)
     with pytest.raises(HiermemError, match="routing.dim"):
         WordLlamaEmbedder(300)
+
+
+@pytest.mark.parametrize("dim", [256, 64])
+def test_wordllama_pooling_is_bit_identical_to_wordllama_embed(dim):
+    """The unpadded embedding_bag mean gives WordLlama.embed's own vectors, bit for bit, for long and short
+    texts, an empty one, and any batch size (so an embedding cache made before it stays valid)."""
+    from hiermem.routing.embedders import l2_normalize
+
+    texts = [LONG_DOC * 3, "", "   ", "x", "the cat sat on the mat", LONG_DOC[:300]] * 11
+    e = WordLlamaEmbedder(dim)
+    ref = l2_normalize(np.asarray(e._load().embed(texts, batch_size=64))[:, :dim])
+    for batch in (None, 7, 1):
+        got = e.encode(texts, batch_size=batch)
+        assert got.dtype == np.float32 and np.array_equal(got, ref), batch
+    assert not got[1].any()  # no tokens: a zero row, not NaN

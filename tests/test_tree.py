@@ -6,7 +6,7 @@ import pytest
 
 from hiermem.errors import HiermemError
 from hiermem.routing import tree as tree_mod
-from hiermem.routing.tree import Tree, balance_assignments, cluster_sizes, fit_tree, paths_from_leaves
+from hiermem.routing.tree import Tree, balance_assignments, cluster_sizes, cluster_sums, fit_tree, paths_from_leaves
 
 
 def unit(x):
@@ -104,6 +104,19 @@ def test_fit_balances_every_step(monkeypatch):
     assert len(seen) == 6
     for biggest, cap, m in seen:
         assert cap == 1.5 * m / 4 and biggest <= cap
+
+
+@pytest.mark.parametrize("m,d,k", [(6400, 64, 16), (37, 5, 16), (1, 3, 4), (500, 8, 1)])
+def test_cluster_sums_equal_add_at_bit_for_bit(m, d, k):
+    """k-means' centroid sums (sort + reduceat) are np.add.at's exactly, empty clusters included."""
+    rng = np.random.default_rng(m)
+    X = rng.standard_normal((m, d)).astype(np.float32)
+    assign = rng.integers(0, k, m)
+    assign[assign == k // 2] = 0  # at least one empty cluster when k > 1
+    ref = np.zeros((k, d))
+    np.add.at(ref, assign, X)
+    got = cluster_sums(X, assign, np.bincount(assign, minlength=k))
+    assert got.dtype == np.float64 and np.array_equal(got, ref)
 
 
 def test_exclude_takes_next_best(fitted):

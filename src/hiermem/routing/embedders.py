@@ -159,7 +159,15 @@ _WORDLLAMA_DIMS = (64, 128, 256)  # only the 256-d file ships; 64/128 are its Ma
 
 
 class WordLlamaEmbedder:
-    """WordLlama l2_supercat static embeddings (average of token vectors), loaded from the package."""
+    """WordLlama l2_supercat static embeddings (average of token vectors), loaded from the package.
+
+    The average is taken here, not by WordLlama.embed: that pads a batch to its longest text and gathers a
+    [texts, longest, dim] float array to mask and sum, which cost most of `hiermem cluster`'s time. Here each
+    batch is tokenized without padding and pooled by torch's embedding_bag (mean), holding only the token ids:
+    the same vectors (tested against WordLlama.embed), at several times the speed.
+    """
+
+    BATCH = 1024  # texts per tokenizer call (its Rust threads split a batch); only their ids are held
 
     def __init__(self, dim: int = 256):
         if dim not in _WORDLLAMA_DIMS:
@@ -167,11 +175,14 @@ class WordLlamaEmbedder:
         self.dim = dim
         self.name = f"wordllama-l2-supercat:dim={dim}"
         self._model = None
+        self._tokenizer = None
+        self._weight = None
 
     def _load(self):
         if self._model is None:
             try:
                 import wordllama
+                from tokenizers import Tokenizer
                 from wordllama import WordLlama
 
                 pkg_dir = Path(wordllama.__file__).resolve().parent
@@ -181,21 +192,38 @@ class WordLlamaEmbedder:
                 )
             except (ImportError, OSError, FileNotFoundError, ValueError) as e:
                 raise HiermemError(f"routing.encoder=wordllama: cannot load the bundled weights ({' '.join(str(e).split())})") from e
+            import torch
+
+            self._tokenizer = Tokenizer.from_str(self._model.tokenizer.to_str())  # a copy: WordLlama's pads
+            self._tokenizer.no_padding()
+            self._tokenizer.no_truncation()
+            self._weight = torch.from_numpy(np.ascontiguousarray(self._model.embedding[:, : self.dim]))
         return self._model
 
     def encode(self, texts: list[str], batch_size: int | None = None, progress: bool = False) -> np.ndarray:
-        batch_size = batch_size or CPU_BATCH
+        import torch
+
+        batch_size = batch_size or self.BATCH
         texts = list(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        model = self._load()
+            return out
+        self._load()
+        vocab = self._weight.shape[0]
         n_batches = (len(texts) + batch_size - 1) // batch_size
-        parts = []
-        with _progress(n_batches, progress, "embed") as bar:
+        with _progress(n_batches, progress, "embed") as bar, torch.inference_mode():
             for b in range(n_batches):
-                parts.append(np.asarray(model.embed(texts[b * batch_size : (b + 1) * batch_size], batch_size=batch_size)))
+                enc = self._tokenizer.encode_batch_fast(texts[b * batch_size : (b + 1) * batch_size],
+                                                        add_special_tokens=False)
+                lengths = np.fromiter((len(e.ids) for e in enc), dtype=np.int64, count=len(enc))
+                ids = np.fromiter((i for e in enc for i in e.ids), dtype=np.int64, count=int(lengths.sum()))
+                np.clip(ids, 0, vocab - 1, out=ids)  # as WordLlama.embed does
+                offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+                pooled = torch.nn.functional.embedding_bag(torch.from_numpy(ids), self._weight,
+                                                           torch.from_numpy(offsets), mode="mean")
+                out[b * batch_size : b * batch_size + len(enc)] = pooled.numpy()  # an empty text: zeros
                 bar.update(1)
-        return l2_normalize(np.concatenate(parts)[:, : self.dim])
+        return l2_normalize(out)
 
 
 # ---------------------------------------------------------------- factory and cache
