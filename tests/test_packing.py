@@ -362,6 +362,25 @@ def test_best_fit_keeps_documents_whole(tmp_path, monkeypatch, window):
     assert stats["padding_fraction"] == pytest.approx(1 - stats["tokens"] / (len(ds) * L))
 
 
+@pytest.mark.parametrize("algo,window", [("concat", 1 << 20), ("best_fit", 1 << 20), ("best_fit", 37)])
+def test_row_tokens_file_equals_the_count_of_segments(tmp_path, monkeypatch, algo, window):
+    """row_tokens.npy (what a data-sharded run plans from) holds each row's non-padding tokens, as counted
+    from the segments; a folder packed before the file existed is counted from its segments instead."""
+    monkeypatch.setattr("hiermem.data.packing.BEST_FIT_WINDOW", window)
+    store, lengths, rng = _unique_token_corpus(tmp_path, 300, 40, seed=3)
+    groups = rng.integers(0, 4, size=300)
+    pack_sequences(store, np.arange(300), 15, EOS, tmp_path / "p", group_of_doc=groups,
+                   path_of_group=np.arange(8).reshape(4, 2), depth=2, pad_id=PAD, algo=algo)
+    ds = PackedDataset(tmp_path / "p")
+    counted = (np.asarray(ds.segments) != P).sum(axis=1)
+    assert ds.fill is not None and ds.fill.dtype == np.int32
+    assert np.array_equal(ds.row_tokens(0, len(ds)), counted) and counted.min() < 16  # some rows are padded
+    assert np.array_equal(ds.row_tokens(5, 9), counted[5:9]) and ds.row_tokens(0, 10**9).sum() == ds.n_tokens
+    (tmp_path / "p" / "row_tokens.npy").unlink()
+    old = PackedDataset(tmp_path / "p")
+    assert old.fill is None and np.array_equal(old.row_tokens(0, len(old), chunk=7), counted)
+
+
 def test_best_fit_decreasing_by_hand():
     # 7 opens bin 0 (room 3); 5 opens bin 1 (room 5); 4 -> bin 1 (room 1); 3 -> bin 0 (full);
     # 2 fits nowhere -> bin 2; 1 -> bin 1, the least room that holds it

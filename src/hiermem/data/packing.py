@@ -5,7 +5,8 @@ Two on-disk stages, each a folder written atomically (AtomicDir: a failure leave
 * doc store (`write_doc_tokens` / `DocTokens`): every document's tokens, flat, plus offsets.
 * packed set (`pack_selection` / `PackedDataset`): rows of seq_len+1 tokens per group (leaf), either cut
   from the concatenated documents or packed best-fit (whole documents where they fit), with a segment
-  index per token so attention and loss never cross a document boundary.
+  index per token so attention and loss never cross a document boundary, and each row's token count
+  (row_tokens.npy: what a data-sharded run balances by, without reading the segments).
 
 Both are plain .npy files that `np.load(..., mmap_mode="r")` opens, so a corpus larger than RAM streams.
 """
@@ -220,6 +221,7 @@ def pack_selection(
     with AtomicDir(out_dir) as tmp:
         order = _sort_by_group(doc_tokens, selection, groups, n_docs, tmp / "order.npy")
         tok_rows, seg_rows = _GrowingRows(tmp / "tokens.npy", dtype, L), _GrowingRows(tmp / "segments.npy", np.uint16, L)
+        fill_rows = _GrowingRows(tmp / "row_tokens.npy", np.int32, None)  # tokens per row: plans skip a scan
         rows, n_split, first = np.zeros(len(groups), np.int64), 0, 0
         for i, count in enumerate(n_docs.tolist()):
             docs = order[first : first + count]
@@ -228,16 +230,20 @@ def pack_selection(
                 rows[i] = -(-int(n_spans[i]) // L)
                 n_split += _write_concat(doc_tokens, docs, eos_id, pad_id, L, tok_rows.extend(rows[i]),
                                          seg_rows.extend(rows[i]))
+                fill = fill_rows.extend(rows[i])
+                fill[:] = L  # every row full but the group's last
+                fill[-1] = int(n_spans[i]) - (rows[i] - 1) * L
             else:
                 for a in range(0, count, BEST_FIT_WINDOW):
                     window = np.asarray(docs[a : a + BEST_FIT_WINDOW])
                     lay = _BestFitLayout(_lengths(doc_tokens, window) + 1, L)
                     lay.write(doc_tokens, window, eos_id, pad_id, tok_rows.extend(lay.n_rows),
                               seg_rows.extend(lay.n_rows))
+                    fill_rows.extend(lay.n_rows)[:] = lay.fill()
                     rows[i] += lay.n_rows
                     n_split += lay.n_docs_split()
-        tok_rows.finalize()
-        seg_rows.finalize()
+        for grown in (tok_rows, seg_rows, fill_rows):
+            grown.finalize()
         _write_per_row(tmp / "groups.npy", [np.array([g]) for g in groups.tolist()], rows, np.int64)
         _write_per_row(tmp / "paths.npy", [paths[g].reshape(1, depth) for g in groups.tolist()], rows, np.int64)
         inputs = _inputs_hash(doc_tokens, order, groups, n_docs, paths, seq_len, eos_id, pad_id, algo)
@@ -303,28 +309,32 @@ def _sort_by_group(store: DocTokens, selection, groups: np.ndarray, n_docs: np.n
 
 
 class _GrowingRows:
-    """A 2-d .npy file of rows of L items, grown at its end: `extend(n)` lengthens the file by n rows and
-    returns them as a flat memory-mapped view to fill; `finalize` writes the header for the final row count
-    (numpy pads the header so that the first axis may grow: the data never moves)."""
+    """A 2-d .npy file of rows of L items (L None: a 1-d file of one item a row), grown at its end: `extend(n)`
+    lengthens the file by n rows and returns them as a flat memory-mapped view to fill; `finalize` writes the
+    header for the final row count (numpy pads the header so that the first axis may grow: the data never
+    moves)."""
 
-    def __init__(self, path: Path, dtype, L: int):
+    def __init__(self, path: Path, dtype, L: int | None):
         self.path, self.dtype, self.L, self.n = path, np.dtype(dtype), L, 0
         self.header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False}
         with open(path, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {**self.header, "shape": (0, L)})
+            np.lib.format.write_array_header_1_0(f, {**self.header, "shape": self._shape()})
             self.start = f.tell()
 
+    def _shape(self) -> tuple[int, ...]:
+        return (self.n,) if self.L is None else (self.n, self.L)
+
     def extend(self, n_rows: int) -> np.ndarray:
-        n_rows = int(n_rows)
-        row_bytes = self.L * self.dtype.itemsize
+        n_rows, width = int(n_rows), self.L or 1
+        row_bytes = width * self.dtype.itemsize
         os.truncate(self.path, self.start + (self.n + n_rows) * row_bytes)
-        view = np.memmap(self.path, self.dtype, "r+", offset=self.start + self.n * row_bytes, shape=(n_rows * self.L,))
+        view = np.memmap(self.path, self.dtype, "r+", offset=self.start + self.n * row_bytes, shape=(n_rows * width,))
         self.n += n_rows
         return view  # unmapped when dropped; AtomicDir fsyncs the file before the rename
 
     def finalize(self) -> None:
         with open(self.path, "r+b") as f:
-            np.lib.format.write_array_header_1_0(f, {**self.header, "shape": (self.n, self.L)})
+            np.lib.format.write_array_header_1_0(f, {**self.header, "shape": self._shape()})
             if f.tell() != self.start:  # cannot happen with numpy >= 1.24 (growth padding)
                 raise RuntimeError(f"{self.path}: npy header size changed; cannot finalise in place")
 
@@ -388,6 +398,10 @@ class _BestFitLayout:
     def n_docs_split(self) -> int:
         return int((self.spans > self.L).sum())
 
+    def fill(self) -> np.ndarray:
+        """Tokens in each row (the rest of a row is padding)."""
+        return np.bincount(self.row, weights=self.piece_len, minlength=self.n_rows).astype(np.int64)
+
     def write(self, store: DocTokens, docs: np.ndarray, eos_id: int, pad_id: int, tok: np.ndarray,
               seg: np.ndarray) -> None:
         L, spans, cur, t = self.L, self.spans, -1, None
@@ -403,7 +417,7 @@ class _BestFitLayout:
             else:
                 tok[dst : dst + n] = t[start : start + n]
             seg[dst : dst + n] = s
-        fill = np.bincount(self.row, weights=self.piece_len, minlength=self.n_rows).astype(np.int64)
+        fill = self.fill()
         for r in np.flatnonzero(fill < L).tolist():
             tok[r * L + fill[r] : (r + 1) * L] = pad_id
             seg[r * L + fill[r] : (r + 1) * L] = PAD_SEGMENT
@@ -530,8 +544,11 @@ class PackedDataset:
         self.segments = _load(self.dir / "segments.npy")
         self.paths = _load(self.dir / "paths.npy")
         self.groups = _load(self.dir / "groups.npy")
+        # tokens per row; a folder packed before it was written has none, and its rows are counted instead
+        self.fill = _load(self.dir / "row_tokens.npy") if (self.dir / "row_tokens.npy").is_file() else None
         n, L = len(self.tokens), self.meta.get("seq_len", -1) + 1
-        if self.tokens.shape != (n, L) or self.segments.shape != (n, L) or len(self.paths) != n or len(self.groups) != n:
+        if (self.tokens.shape != (n, L) or self.segments.shape != (n, L) or len(self.paths) != n
+                or len(self.groups) != n or (self.fill is not None and self.fill.shape != (n,))):
             raise HiermemError(f"{self.dir}: packed arrays disagree with meta.json (corrupt or mixed folder)")
 
     def __len__(self) -> int:
@@ -560,8 +577,11 @@ class PackedDataset:
         return stats
 
     def row_tokens(self, start: int, stop: int, chunk: int = 4096) -> np.ndarray:
-        """Tokens (not padding) in rows start .. stop-1, read `chunk` rows at a time."""
+        """Tokens (not padding) in rows start .. stop-1: from row_tokens.npy (4 bytes a row), else counted in
+        the segments, `chunk` rows at a time (2 bytes a token)."""
         stop = min(stop, len(self))
+        if self.fill is not None:
+            return np.asarray(self.fill[start:stop], np.int64)
         out = np.empty(max(0, stop - start), np.int64)
         for a in range(start, stop, chunk):
             out[a - start : a - start + chunk] = (self.segments[a : min(stop, a + chunk)] != PAD_SEGMENT).sum(axis=1)
