@@ -59,3 +59,15 @@ def test_shuffled_arange_is_the_generators_permutation_and_leaves_no_file(tmp_pa
         perm = shuffled_arange(n, np.random.default_rng(11), tmp_path / "sub" / "p.npy", chunk)
         np.testing.assert_array_equal(perm, np.random.default_rng(11).permutation(n))
         assert isinstance(perm, np.memmap) and list((tmp_path / "sub").iterdir()) == []
+
+
+def test_shuffled_arange_has_no_name_while_it_shuffles(tmp_path):
+    """A process killed mid-shuffle leaves no file: the map's file is unlinked before the shuffle starts."""
+    path = tmp_path / "p.npy"
+
+    class Watching:
+        def shuffle(self, a):
+            assert not path.exists()
+            np.random.default_rng(5).shuffle(a)
+
+    np.testing.assert_array_equal(shuffled_arange(500, Watching(), path, 64), np.random.default_rng(5).permutation(500))

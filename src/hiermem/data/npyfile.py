@@ -94,18 +94,17 @@ class NpyAppender:
 
 def shuffled_arange(n: int, rng: np.random.Generator, path: str | Path, chunk: int = 1 << 16) -> np.ndarray:
     """rng.permutation(n), the same draws (Generator.permutation(n) is Generator.shuffle(arange(n))), in a
-    memory-mapped int64 file at path that is unlinked before returning: the map lives as long as the array, its
-    pages are file-backed (reclaimable) instead of anonymous memory, and nothing is left behind."""
+    memory-mapped int64 file at path that is unlinked as soon as it is mapped: the map lives as long as the array,
+    its pages are file-backed (reclaimable) instead of anonymous memory, and a process killed mid-shuffle leaves
+    nothing behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     perm = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n,))
-    try:
-        for a in range(0, n, chunk):
-            perm[a : a + chunk] = np.arange(a, min(n, a + chunk))
-        # shuffle a plain-ndarray view of the map: Generator.shuffle takes a per-element Python path on a subclass
-        rng.shuffle(np.asarray(perm))
-    finally:
-        path.unlink()
+    path.unlink()  # the mapping keeps the unnamed file until the array is dropped
+    for a in range(0, n, chunk):
+        perm[a : a + chunk] = np.arange(a, min(n, a + chunk))
+    # shuffle a plain-ndarray view of the map: Generator.shuffle takes a per-element Python path on a subclass
+    rng.shuffle(np.asarray(perm))
     return perm
 
 
