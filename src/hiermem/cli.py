@@ -431,9 +431,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = _stage_parser(sub, "params", "parameter accounting (anchor / fetched / bank) without allocating")
     p.set_defaults(func=cmd_params)
 
-    from hiermem_experiments.longtail.ablations import ABLATIONS
-    from hiermem_experiments.longtail.demo import STAGES as DEMO_STAGES
-
     p = sub.add_parser("demo", help="the long-tail knowledge demo: anchor vs memories, fact by fact")
     p.add_argument("--quick", action="store_true", help="a small version (< 3 minutes); = --preset demo-quick")
     p.add_argument("--preset", default=None,
@@ -441,12 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "default (2 epochs, about 6-7 minutes on 2 cores); demo-full (3 epochs + the anchor_staged "
                         "control); demo-quick; demo-gpu / demo-160m: shapes for one GPU")
     p.add_argument("--out", default=None, help="output folder (default runs/demo, else runs/<preset>)")
-    p.add_argument("--ablation", default=None, metavar="NAME", choices=ABLATIONS,
-                   help="after the demo, train and compare variants of its memory run: "
-                        + "; ".join(f"{name} ({what})" for name, (_, what) in ABLATIONS.items())
-                        + "; output in <out>/ablations/NAME")
+    p.add_argument("--ablation", default=None, metavar="NAME",
+                   choices=("kind", "anchor", "ranks", "depth", "generic_prob", "placement", "common_text"),
+                   help="after the demo, train and compare variants of its memory run: kind (memory type at equal "
+                        "fetched parameters), anchor (frozen vs co-trained), ranks (rank per level), depth, "
+                        "generic_prob, placement (layers holding memory), common_text (settings against held-out "
+                        "text); output in <out>/ablations/NAME")
     p.add_argument("--jobs", type=int, default=2, help="parallel training processes")
-    p.add_argument("--stage", default="all", choices=DEMO_STAGES,
+    p.add_argument("--stage", default="all", choices=("all", "data", "train"),
                    help="all (default); data: build, prepare and cluster the corpus, then stop; train: the "
                         "trainings alone on a clustered --out (no encoder, no evaluation; e.g. on a GPU machine "
                         "given the folder that --stage data made), reported in <out>/train_report.json")
