@@ -88,7 +88,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     for mode in ("fetched", "generic", "none"):
         res = json.loads(ok(capsys, "eval", "runs/mem", "--memory", mode, "--probes", probes, "--json", "--quiet"))
         assert res["memory"] == mode and res["probes"]["n"] == 14
-        assert set(res["probes"]["per_group"]) == {p["group"] for p in map(json.loads, open(probes))}
+        assert set(res["probes"]["per_group"]) == {p["group"] for p in map(json.loads, Path(probes).read_text().splitlines())}
         ppl[mode] = res["perplexity"]["ppl"]
     assert len(set(ppl.values())) == 3  # three different models
     out = ok(capsys, "eval", "runs/mem", "--router", "centroid", "--block-level", "1", "--quiet")

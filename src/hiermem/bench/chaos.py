@@ -113,8 +113,9 @@ def _temp_files(run_dir: Path) -> bool:
     """A checkpoint's atomic write in progress (the cheap test, polled)."""
     for d in (run_dir / "checkpoint", run_dir / "bank"):
         try:
-            if any(e.name.endswith(".tmp") for e in os.scandir(d)):
-                return True
+            with os.scandir(d) as entries:  # closed even when any() stops early
+                if any(e.name.endswith(".tmp") for e in entries):
+                    return True
         except OSError:
             pass
     return False

@@ -144,7 +144,8 @@ class Tree:
         if not path.is_file():
             raise HiermemError(f"{path}: tree file not found (run `hiermem cluster` first)")
         try:
-            with np.load(path, allow_pickle=False) as z:
+            # our own handle: np.load leaks the one it opens when the file is not a readable zip
+            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"][()]))
                 depth, branching = int(meta["depth"]), int(meta["branching"])
                 centroids = [np.array(z[f"level{l}"]) for l in range(depth)]
