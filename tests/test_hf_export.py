@@ -71,6 +71,27 @@ def test_transformers_generate_stops_where_hiermem_does(tmp_path):
     assert got == want
 
 
+def test_the_exported_attention_takes_the_cache_under_either_name(tmp_path):
+    """The shipped modeling code runs under the transformers its user has: before 5.24 the decoder layer hands
+    the cache over as past_key_values, from 5.24 as cache; either way the keys and values land in it."""
+    from transformers.cache_utils import DynamicCache
+
+    save_anchor(native_anchor(True), eos_id=0, out=tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    attn = hf.model.layers[0].self_attn
+    x = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(2))
+    pe = hf.model.rotary_emb(x, torch.arange(5)[None])
+    caches, outs = {}, {}
+    with torch.no_grad():
+        for name in ("cache", "past_key_values"):
+            caches[name] = DynamicCache(config=hf.config)
+            outs[name] = attn(x, position_embeddings=pe, attention_mask=None, **{name: caches[name]})[0]
+    torch.testing.assert_close(outs["cache"], outs["past_key_values"], rtol=0, atol=0)
+    for name, c in caches.items():
+        assert c.get_seq_length() == 5, name
+    torch.testing.assert_close(caches["cache"].layers[0].keys, caches["past_key_values"].layers[0].keys)
+
+
 @pytest.fixture(scope="module")
 def exported(memory_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "out"

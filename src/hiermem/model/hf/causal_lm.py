@@ -18,6 +18,7 @@ trains too (train.mode=cotrain), each tied tensor once.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.hf, self.save_base = hf, save_base
         self.hooks = MemoryHooks(hf)
+        # transformers 5.24 renamed the model's past_key_values argument to cache: pass it by the name hf takes
+        self._cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
         # tying is the checkpoint's own business (state_dict below stores a tied tensor once): the native
         # checkpoint helpers, which read cfg.tie_embeddings, must not look for the anchor's tok_emb
         self.cfg = dataclasses.replace(cfg, tie_embeddings=False)
@@ -85,7 +88,7 @@ class CausalLM(nn.Module):
         else:
             visible = None if segment_ids is None else document_mask(segment_ids, "sdpa")
         with self.hooks.using(memory):
-            out = self.hf(input_ids=input_ids, position_ids=positions, cache=past,
+            out = self.hf(input_ids=input_ids, position_ids=positions, **{self._cache_arg: past},
                           attention_mask=None if visible is None else self._mask(visible), use_cache=past is not None)
         logits = out.logits
         if cache is not None:  # generation needs the next token only

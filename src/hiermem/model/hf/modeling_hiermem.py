@@ -51,7 +51,11 @@ class HiermemAttention(LlamaAttention):
         else:
             self.q_norm = self.k_norm = nn.Identity()
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                past_key_values=None, **kwargs):
+        # transformers before 5.24 names the cache past_key_values: an export is loaded by whatever version
+        # its user has, and a cache that went unnoticed into kwargs would decode without the past
+        cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_norm(self.q_proj(hidden_states)).view(hidden_shape).transpose(1, 2)
