@@ -114,6 +114,21 @@ def test_fetch_suite_times_cold_warm_and_raw_reads_of_one_path(tmp_path):
     assert not (tmp_path / "fetch-bank").exists()
 
 
+def test_knn_suite_measures_the_probing_index_against_the_exact_one(tmp_path):
+    """--suite knn, quick (4,000 Wikipedia sentences, WordLlama, 16 leaves): the exact scan and probing every leaf
+    agree with the in-RAM index; fewer leaves read fewer documents, each count the probed leaves' sizes."""
+    res = run_suite("knn", out=str(tmp_path), quick=True)
+    assert json.loads((tmp_path / "knn.json").read_text()) == json.loads(json.dumps(res))
+    assert res["documents"] + res["queries"] == 4000 and res["leaves"] == 16 and not (tmp_path / "knn-emb.npy").exists()
+    p = res["probes"]
+    assert set(p) == {"0", "1", "2", "4", "8", "16"}
+    for exact in ("0", "16"):
+        assert p[exact]["recall_at_10"] == p[exact]["same_leaf"] == p[exact]["same_level0"] == 1.0
+        assert p[exact]["docs_read_per_query"] == res["documents"]
+    reads = [p[k]["docs_read_per_query"] for k in ("1", "2", "4", "8")]
+    assert reads == sorted(reads) and reads[-1] < res["documents"] and 0 < p["1"]["recall_at_10"] < 1
+
+
 def test_distributed_suite_reduces_only_shared_blocks_and_each_rank_holds_its_shard(tmp_path):
     """--suite distributed, quick (tiny shape, 1 and 2 processes): with bank sharding a step all-reduces for
     memory only the shared blocks (here the generic block and its fetch count), never an owned subtree's

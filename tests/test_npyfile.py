@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import hiermem.data.npyfile as npyfile
-from hiermem.data.npyfile import CannotResume, NpyAppender, shuffled_arange
+from hiermem.data.npyfile import CannotResume, NpyAppender, counting_sort, shuffled_arange
 
 
 def npy_bytes(arr) -> bytes:
@@ -71,3 +71,19 @@ def test_shuffled_arange_has_no_name_while_it_shuffles(tmp_path):
             np.random.default_rng(5).shuffle(a)
 
     np.testing.assert_array_equal(shuffled_arange(500, Watching(), path, 64), np.random.default_rng(5).permutation(500))
+
+
+def test_counting_sort_is_a_stable_sort_by_group(tmp_path):
+    """Items grouped by group in the order they come in, from chunks of any size: np.argsort(kind="stable")."""
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 7, 1000)
+    groups[groups == 4] = 5  # an empty group
+    items = rng.permutation(1000) + 10
+
+    def chunks():
+        for a in range(0, 1000, 37):
+            yield items[a : a + 37], groups[a : a + 37]
+
+    order = counting_sort(chunks, np.bincount(groups, minlength=7), tmp_path / "order.npy")
+    assert isinstance(order, np.memmap) and order.dtype == np.int64
+    assert np.array_equal(order, items[np.argsort(groups, kind="stable")])

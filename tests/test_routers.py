@@ -48,7 +48,8 @@ def test_document_routes_to_its_own_path(blob_setup):
 
 def test_blocking_never_returns_blocked_node(blob_setup):
     X, paths, Q, _, tree = blob_setup
-    for router in (CentroidRouter(tree), KnnRouter(tree, X, paths, k=10)):
+    probing = KnnRouter(tree, X, paths, k=10, ram_docs=0, probe=2)  # searches no leaf under the blocked node
+    for router in (CentroidRouter(tree), KnnRouter(tree, X, paths, k=10), probing):
         base = router.route(Q)
         for level in (0, 1):
             blocked = router.route(Q, block_level=level)
@@ -157,9 +158,9 @@ def test_knn_scan_of_a_memory_map_is_the_in_ram_index(blob_setup, tmp_path, monk
     skip = np.random.default_rng(1).random(len(X)) < 0.2
     queries = np.concatenate([Q, X[:20]])  # held-out prompts and training documents (duplicates)
     ram = KnnRouter(tree, emb, paths, k=10, skip=skip)
-    monkeypatch.setattr("hiermem.routing.routers.KNN_BLOCK_DOCS", 7)
-    scan = KnnRouter(tree, emb, paths, k=10, skip=skip, ram_docs=0)
-    assert scan.index._flat is None and ram.index._flat is not None
+    monkeypatch.setattr("hiermem.routing.doc_index.KNN_BLOCK_DOCS", 7)
+    scan = KnnRouter(tree, emb, paths, k=10, skip=skip, ram_docs=0, probe=0)
+    assert scan.index.mode == "scan" and ram.index.mode == "ram"
     assert scan.index.ntotal == ram.index.ntotal == int((~skip).sum())
     for kk in (1, 10, 74):
         (s1, i1), (s2, i2) = ram.index.search(unit(queries), kk), scan.index.search(unit(queries), kk)
@@ -171,15 +172,17 @@ def test_knn_scan_of_a_memory_map_is_the_in_ram_index(blob_setup, tmp_path, monk
     assert not np.isin(scan.index.search(unit(X[skipped]), 1)[1], skipped).any()
 
 
-def test_knn_scan_holds_a_block_not_the_corpus(tmp_path, monkeypatch):
-    """Building the scanning router and routing a batch: the same traced (numpy) memory for 4x more
-    memory-mapped documents, and a peak RssAnon (faiss's C++ side included) far below the in-RAM index's, which
-    holds every embedding."""
+@pytest.mark.parametrize("probe", [0, 2])
+def test_knn_scan_holds_a_block_not_the_corpus(tmp_path, monkeypatch, probe):
+    """Building the scanning (probe 0) or probing router and routing a batch: the same traced (numpy) memory
+    for 4x more memory-mapped documents, and a peak RssAnon (faiss's C++ side included) far below the in-RAM
+    index's, which holds every embedding. The probing index's document ids sorted by leaf are a memory-mapped
+    file (file-backed pages)."""
     from traced import traced_peak
 
     from hiermem.bench.bank_scale import PeakRss, proc_status
 
-    monkeypatch.setattr("hiermem.routing.routers.KNN_BLOCK_DOCS", 4096)
+    monkeypatch.setattr("hiermem.routing.doc_index.KNN_BLOCK_DOCS", 4096)
     tree = Tree(1, 4, [unit(np.random.default_rng(0).standard_normal((4, 32)))])
     q = unit(np.random.default_rng(1).standard_normal((8, 32)))
 
@@ -193,15 +196,29 @@ def test_knn_scan_holds_a_block_not_the_corpus(tmp_path, monkeypatch):
         return emb, paths
 
     data = {n: files(n) for n in (1000, 100_000, 400_000)}
-    peaks = {n: traced_peak(lambda: KnnRouter(tree, *data[n], k=10, ram_docs=0).route(q)) for n in data}  # 1st: caches
+    peaks = {n: traced_peak(lambda: KnnRouter(tree, *data[n], k=10, ram_docs=0, probe=probe).route(q))
+             for n in data}  # the first: caches
     assert peaks[400_000] - peaks[100_000] < 100_000, peaks
 
     def rss_growth(ram_docs):
         before = proc_status()["RssAnon"]
         with PeakRss() as rss:
-            KnnRouter(tree, *data[400_000], k=10, ram_docs=ram_docs).route(q)
+            KnnRouter(tree, *data[400_000], k=10, ram_docs=ram_docs, probe=probe).route(q)
         return rss.peak - before
 
     if "RssAnon" in proc_status():
         scan, in_ram = rss_growth(0), rss_growth(1 << 30)
         assert scan < 16 << 20 and in_ram > 45 << 20, (scan, in_ram)  # 400k x 32 float32 = 51 MB
+
+
+def test_knn_probing_that_finds_no_document_routes_by_centroid_descent():
+    """Above knn_ram_docs a query whose probed leaves hold no training document (here: all in leaf 3) takes the
+    centroid router's path; one that finds some votes among them."""
+    tree = _hand_tree()
+    docs = np.stack([_doc(s, 3) for s in (0.1, 0.2, 0.3)] * 4)  # near e3: leaf 3
+    paths = np.full((len(docs), 1), 3)
+    q = np.stack([_doc(0.99, 1), _doc(0.1, 3)])  # near e0 (leaf 0), near e3
+    router = KnnRouter(tree, docs, paths, k=3, ram_docs=0, probe=1)
+    assert router.index.mode == "probe" and router.index.search(unit(q[:1]), 3)[1].tolist() == [[-1, -1, -1]]
+    assert router.route(q).tolist() == [[0], [3]]
+    assert router.route(q[:1]).tolist() == CentroidRouter(tree).route(q[:1]).tolist()

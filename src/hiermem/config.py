@@ -122,9 +122,12 @@ class RoutingConfig:
                           "of the nearest documents)", choices=("centroid", "knn"), inference=True)
     knn_k: int = setting(10, "neighbours the knn router votes over", min=1, inference=True)
     knn_ram_docs: int = setting(2_000_000, "training documents up to which the knn router's index is in RAM "
-                                "(4 bytes x embedding width each); above, every batch of prompts scans the "
-                                "memory-mapped embeddings (exact, a block in memory, a full read per batch)",
-                                min=0, inference=True)
+                                "(4 bytes x embedding width each, exact); above, it reads the memory-mapped "
+                                "embeddings as routing.knn_probe says", min=0, inference=True)
+    knn_probe: int = setting(16, "above routing.knn_ram_docs: leaves of the tree whose documents the knn router "
+                             "searches per prompt besides its own, the nearest by centroid (approximate; reads "
+                             "only their documents); 0 scans every document per batch (exact, a full read)",
+                             min=0, inference=True)
     seed: int = setting(0, "k-means seed")
     tree_from: str = setting("", "reuse this tree instead of fitting one: a run directory (its tree.npz) or a "
                              "data directory (its cluster/tree.npz); `hiermem cluster` then only embeds and "

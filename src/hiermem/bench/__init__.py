@@ -14,6 +14,7 @@ SUITES = {
     "scale": "hiermem.bench.bank_scale",  # training with the bank + optimizer state on disk vs in RAM
     "fetch": "hiermem.bench.bank_scale:run_fetch",  # one path from disk, cold and warm, vs a raw read
     "distributed": "hiermem.bench.distributed",  # 1 vs 2 processes; bytes all-reduced per step
+    "knn": "hiermem.bench.knn",  # the probing knn index (above routing.knn_ram_docs) against the exact one
     "decode": "hiermem.bench.decode",  # generation with and without the KV cache and memory
     "serve": "hiermem.bench.serve_load",  # concurrent OpenAI clients against hiermem serve
     "chaos": "hiermem.bench.chaos",  # training SIGKILLed at random instants, resumed: bitwise the uninterrupted run

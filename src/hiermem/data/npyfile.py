@@ -92,6 +92,22 @@ class NpyAppender:
             self._f.close()
 
 
+def counting_sort(chunks, counts: np.ndarray, path: str | Path) -> np.ndarray:
+    """Items grouped by group, in a memory-mapped int64 .npy at path: chunks() yields (items, their group
+    positions in 0 .. len(counts) - 1) and counts[g] is how many items it yields for group g in all; inside a
+    group the items keep the order they come in. Holds one chunk at a time, whatever the number of items."""
+    counts = np.asarray(counts, np.int64)
+    order = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(int(counts.sum()),))
+    cursor = np.cumsum(counts) - counts  # next free position of each group
+    for items, at in chunks():
+        by = np.argsort(at, kind="stable")
+        at_sorted = at[by]
+        run_start = np.searchsorted(at_sorted, at_sorted)  # first entry of each entry's group in the chunk
+        order[cursor[at_sorted] + np.arange(len(by)) - run_start] = items[by]
+        cursor += np.bincount(at, minlength=len(counts))
+    return order
+
+
 def shuffled_arange(n: int, rng: np.random.Generator, path: str | Path, chunk: int = 1 << 16) -> np.ndarray:
     """rng.permutation(n), the same draws (Generator.permutation(n) is Generator.shuffle(arange(n))), in a
     memory-mapped int64 file at path that is unlinked as soon as it is mapped: the map lives as long as the array,

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from hiermem.data.npyfile import permutation
+from hiermem.data.npyfile import counting_sort, permutation
 from hiermem.errors import HiermemError
 from hiermem.io_utils import AtomicDir, atomic_write_json
 
@@ -295,17 +295,12 @@ def _count_groups(store: DocTokens, selection) -> tuple[np.ndarray, np.ndarray, 
 def _sort_by_group(store: DocTokens, selection, groups: np.ndarray, n_docs: np.ndarray, path: Path) -> np.ndarray:
     """Second pass, a counting sort: the non-empty documents by group (given order inside a group), in a
     memory-mapped file."""
-    order = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(int(n_docs.sum()),))
-    cursor = np.cumsum(n_docs) - n_docs  # next free position of each group
-    for docs, chunk_groups in selection():
-        keep = _lengths(store, docs) > 0
-        docs, at = docs[keep], np.searchsorted(groups, chunk_groups[keep])
-        by = np.argsort(at, kind="stable")
-        at_sorted = at[by]
-        run_start = np.searchsorted(at_sorted, at_sorted)  # first entry of each entry's group in the chunk
-        order[cursor[at_sorted] + np.arange(len(by)) - run_start] = docs[by]
-        cursor += np.bincount(at, minlength=len(groups))
-    return order
+    def chunks():
+        for docs, chunk_groups in selection():
+            keep = _lengths(store, docs) > 0
+            yield docs[keep], np.searchsorted(groups, chunk_groups[keep])
+
+    return counting_sort(chunks, n_docs, path)
 
 
 class _GrowingRows:

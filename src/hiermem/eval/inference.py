@@ -45,7 +45,8 @@ class MemoryContext:
                 doc_emb, doc_paths, skip = c.doc_emb(), c.doc_paths, self.run.data().is_val()
             self._router = make_router(self.router_name, self.run.tree, doc_emb=doc_emb, doc_paths=doc_paths,
                                        k=self.run.cfg.routing.knn_k, skip=skip,
-                                       ram_docs=self.run.cfg.routing.knn_ram_docs)
+                                       ram_docs=self.run.cfg.routing.knn_ram_docs,
+                                       probe=self.run.cfg.routing.knn_probe)
         return self._router
 
     def route(self, texts: list[str]) -> np.ndarray:

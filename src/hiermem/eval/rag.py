@@ -68,7 +68,8 @@ class Retriever:
         self.router, self.embedder, self.data = router, embedder, data
 
     def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(document ids [n, k'], cosine similarities [n, k']), nearest first; k' = min(k, training documents)."""
+        """(document ids [n, k'], cosine similarities [n, k']), nearest first; k' = min(k, training documents);
+        id -1 (similarity -inf) in the places a probing index found no more documents for."""
         q = np.ascontiguousarray(l2_normalize(self.embedder.encode(list(texts))))  # as KnnRouter.route
         sims, ids = self.router.index.search(q, k)
         return ids, sims
@@ -84,9 +85,10 @@ class Rag:
         if not texts:
             return []
         ids, _ = self.retriever.search(texts, self.k)
-        wanted = sorted(set(ids.ravel().tolist()))
+        wanted = sorted(set(ids.ravel().tolist()) - {-1})  # -1: fewer found in a probing index's leaves
         tokens = dict(zip(wanted, self.tokenizer.encode_batch(self.retriever.data.texts_at(wanted))))
-        return [build_context([tokens[d] for d in row], p, self.max_seq_len, max_new_tokens, self.tokenizer.eos_id)
+        return [build_context([tokens[d] for d in row if d >= 0], p, self.max_seq_len, max_new_tokens,
+                              self.tokenizer.eos_id)
                 for row, p in zip(ids.tolist(), prompts)]
 
 
@@ -112,5 +114,5 @@ def make_rag(run: Run, ctx: MemoryContext, k: int) -> Rag | None:
         tree, c = _anchor_knn(run, data)
         r = run.cfg.routing
         router = make_router("knn", tree, doc_emb=c.doc_emb(), doc_paths=c.doc_paths, k=r.knn_k, skip=data.is_val(),
-                             ram_docs=r.knn_ram_docs)
+                             ram_docs=r.knn_ram_docs, probe=r.knn_probe)
     return Rag(Retriever(router, ctx.embedder, data), run.tokenizer, k, run.model.cfg.max_seq_len)

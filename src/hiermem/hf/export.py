@@ -40,7 +40,7 @@ from hiermem.model.hf import modeling_hiermem
 from hiermem.model.hf.modeling_hiermem import HiermemConfig, HiermemForCausalLM
 from hiermem.io_utils import atomic_dir, atomic_write_json
 from hiermem.model.transformer import Transformer
-from hiermem.routing.routers import KNN_BLOCK_DOCS
+from hiermem.routing.doc_index import KNN_BLOCK_DOCS
 
 EXPORT_DIR = "hiermem"  # inside OUT: everything besides the transformers model
 EXPORT_FORMAT, EXPORT_VERSION = "hiermem-export", 1

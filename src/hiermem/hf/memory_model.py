@@ -92,7 +92,7 @@ class MemoryModel:
             elif r.router == "knn":  # memory-mapped: the router reads its index in blocks
                 emb, paths = (np.load(side / f, mmap_mode="r") for f in KNN_FILES)
             self._router = make_router(r.router, self.tree, doc_emb=emb, doc_paths=paths, k=r.knn_k,
-                                       ram_docs=r.knn_ram_docs)
+                                       ram_docs=r.knn_ram_docs, probe=r.knn_probe)
         return self._router
 
     def route(self, texts: list[str]) -> np.ndarray:

@@ -3,9 +3,9 @@
 * CentroidRouter: the paper's greedy centroid descent (Sec. 2.1).
 * KnnRouter: a similarity-weighted vote over the leaves of the k nearest training documents.
   the prototype (docs/method.md §9) found centroid descent sent a probe to its entity's leaf only 25-30 % of the time,
-  while this vote reached 76-87 % and scored like an oracle; both are kept and reported. Its index (DocIndex)
-  is exact: in RAM up to routing.knn_ram_docs documents, above that a blocked scan of the memory-mapped
-  embeddings.
+  while this vote reached 76-87 % and scored like an oracle; both are kept and reported. Its index
+  (routing/doc_index.py) is exact in RAM up to routing.knn_ram_docs documents; above, it searches the documents
+  of each query's routing.knn_probe nearest leaves (or, with 0, scans every memory-mapped embedding).
 
 Both support the paper's blocking experiment (Fig. 6b): with block_level=l, the node at level l that the
 query would reach (with its whole subtree) is forbidden and the query goes to the next best.
@@ -19,6 +19,7 @@ import numpy as np
 
 from hiermem import config
 from hiermem.errors import HiermemError
+from hiermem.routing.doc_index import KNN_BLOCK_DOCS, PROBE_LEAVES, RAM_DOCS, DocIndex
 from hiermem.routing.embedders import l2_normalize
 from hiermem.routing.tree import Tree, paths_from_leaves
 
@@ -67,56 +68,6 @@ def _vote(leaves: np.ndarray, sims: np.ndarray, valid: np.ndarray) -> np.ndarray
     return np.where(valid.any(axis=1), choice, -1)
 
 
-RAM_DOCS = 2_000_000  # routing.knn_ram_docs's default: documents the knn index holds in RAM (3 GB at 384-d)
-KNN_BLOCK_DOCS = 1 << 16  # documents read at a time: building the index, checking paths, scanning
-
-
-class DocIndex:
-    """Exact inner-product search over the L2-normalised embeddings of the documents not in `skip`, answering
-    document ids (rows of doc_emb). Up to ram_docs documents it is a faiss IndexFlatIP in RAM; above, each
-    search scans the (memory-mapped) embeddings KNN_BLOCK_DOCS rows at a time and merges the blocks' results in
-    a faiss ResultHeap: the same neighbours (ties aside), a block of memory instead of the whole corpus, and a
-    full read of the embeddings per batch of queries."""
-
-    def __init__(self, doc_emb, skip=None, ram_docs: int = RAM_DOCS):
-        import faiss
-
-        self.doc_emb, self.skip, self.dim = doc_emb, skip, doc_emb.shape[1]
-        self.ntotal = len(doc_emb) - (0 if skip is None else int(np.count_nonzero(skip)))
-        self._flat = None
-        if self.ntotal <= ram_docs:
-            self._flat = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
-            for ids, x in self._blocks():
-                self._flat.add_with_ids(x, ids)
-
-    def _blocks(self):
-        """(document ids, their normalised float32 embeddings) per block of KNN_BLOCK_DOCS rows."""
-        for a in range(0, len(self.doc_emb), KNN_BLOCK_DOCS):
-            b = min(len(self.doc_emb), a + KNN_BLOCK_DOCS)
-            keep = np.ones(b - a, bool) if self.skip is None else ~np.asarray(self.skip[a:b], bool)
-            ids = a + np.flatnonzero(keep)
-            if len(ids):
-                yield ids, np.ascontiguousarray(l2_normalize(np.asarray(self.doc_emb[a:b], np.float32)[keep]))
-
-    def search(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, document ids) [n, min(kk, ntotal)], most similar first."""
-        import faiss
-
-        kk = min(kk, self.ntotal)
-        if self._flat is not None:
-            return self._flat.search(q, kk)
-        heap, flat = faiss.ResultHeap(len(q), kk, keep_max=True), faiss.IndexFlatIP(self.dim)
-        for ids, x in self._blocks():
-            flat.add(x)
-            sims, rows = flat.search(q, min(kk, len(ids)))
-            flat.reset()
-            pad = kk - rows.shape[1]  # a block smaller than kk: the heap takes [n, kk] results
-            sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf).astype(np.float32)
-            heap.add_result(sims, np.pad(ids[rows], ((0, 0), (0, pad)), constant_values=-1))
-        heap.finalize()
-        return heap.D, heap.I
-
-
 def _check_doc_paths(tree: Tree, doc_paths, n: int) -> None:
     """One-line errors for document paths that are not one root-to-leaf path of `tree` per document."""
     if doc_paths.shape != (n, tree.depth):
@@ -132,9 +83,11 @@ def _check_doc_paths(tree: Tree, doc_paths, n: int) -> None:
 class KnnRouter:
     """doc_emb [N, dim] and doc_paths [N, depth] of the documents (memory-mapped is fine: read in blocks);
     skip, an optional bool [N], leaves documents out of the index (the validation split); ram_docs: the most
-    documents held in RAM (routing.knn_ram_docs; above, DocIndex scans)."""
+    documents held in RAM (routing.knn_ram_docs); probe: leaves searched per query above it (routing.knn_probe;
+    0 scans every document)."""
 
-    def __init__(self, tree: Tree, doc_emb, doc_paths, k: int = 10, skip=None, ram_docs: int = RAM_DOCS):
+    def __init__(self, tree: Tree, doc_emb, doc_paths, k: int = 10, skip=None, ram_docs: int = RAM_DOCS,
+                 probe: int = PROBE_LEAVES):
         doc_emb = doc_emb if hasattr(doc_emb, "shape") else np.asarray(doc_emb)  # a memory map stays one
         if len(doc_emb.shape) != 2 or doc_emb.shape[1] != tree.dim or len(doc_emb) == 0:
             raise HiermemError(f"knn router: document embeddings have shape {doc_emb.shape}, expected [N>0, {tree.dim}]")
@@ -143,15 +96,13 @@ class KnnRouter:
         if skip is not None and len(skip) != len(doc_emb):
             raise HiermemError(f"knn router: the skip mask has {len(skip)} entries for {len(doc_emb)} documents")
         config.check_value("routing.knn_k", k, label="routing.knn_k")
+        config.check_value("routing.knn_probe", probe, label="routing.knn_probe")
         self.tree, self.k = tree, int(k)
         self.doc_paths = doc_paths
         self.name = f"knn:k={self.k}"
-        self.index = DocIndex(doc_emb, skip, ram_docs)
+        self.index = DocIndex(doc_emb, skip, ram_docs, probe, tree, doc_paths)
         if self.index.ntotal == 0:
             raise HiermemError("knn router: every document is skipped (no training documents to vote among)")
-
-    def _search(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(q, kk)  # document ids; kk <= ntotal, so no neighbour is missing
 
     def _vote_paths(self, sims: np.ndarray, idx: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Leaf per query by vote over the first k valid neighbours; -1 where none is valid."""
@@ -172,16 +123,19 @@ class KnnRouter:
         q = np.ascontiguousarray(l2_normalize(emb))
         if len(q) == 0:
             return np.empty((0, self.tree.depth), dtype=np.int64)
-        sims, idx = self._search(q, self.k)
+        sims, idx = self.index.search(q, self.k)
         leaves = self._vote_paths(sims, idx, idx >= 0)
-        paths = paths_from_leaves(leaves, self.tree.depth, self.tree.branching)
+        paths = paths_from_leaves(np.maximum(leaves, 0), self.tree.depth, self.tree.branching)
+        none = leaves < 0  # a probing index found no document in the leaves it searched: centroid descent
+        if none.any():
+            paths[none] = self.tree.route(q[none])
         dup = sims[:, 0] >= DUPLICATE_SIM  # the query is a training document: its own path, exactly
         paths[dup] = self.doc_paths[idx[dup, 0]]
         if block_level is None:
             return paths
         # Blocking: drop every neighbour inside the blocked subtree and vote among the k nearest others.
         blocked = paths[:, block_level]
-        sims, idx = self._search(q, 4 * self.k + 64)
+        sims, idx = self.index.search(q, 4 * self.k + 64, avoid=(block_level, blocked))
         anc = self.doc_paths[np.maximum(idx, 0), block_level]
         leaves = self._vote_paths(sims, idx, (idx >= 0) & (anc != blocked[:, None]))
         out = paths_from_leaves(np.maximum(leaves, 0), self.tree.depth, self.tree.branching)
@@ -192,7 +146,8 @@ class KnnRouter:
 
 
 def make_router(name: str, tree: Tree, doc_emb: np.ndarray | None = None, doc_paths: np.ndarray | None = None,
-                k: int = 10, skip: np.ndarray | None = None, ram_docs: int = RAM_DOCS) -> Router:
+                k: int = 10, skip: np.ndarray | None = None, ram_docs: int = RAM_DOCS,
+                probe: int = PROBE_LEAVES) -> Router:
     config.check_value("routing.router", name, label="--router / routing.router")
     if name == "centroid":
         return CentroidRouter(tree)
@@ -200,7 +155,7 @@ def make_router(name: str, tree: Tree, doc_emb: np.ndarray | None = None, doc_pa
         if doc_emb is None or doc_paths is None:
             raise HiermemError("--router knn (routing.router) needs the training documents' embeddings and paths "
                                "(run `hiermem prepare` and `hiermem cluster` first)")
-        return KnnRouter(tree, doc_emb, doc_paths, k=k, skip=skip, ram_docs=ram_docs)
+        return KnnRouter(tree, doc_emb, doc_paths, k=k, skip=skip, ram_docs=ram_docs, probe=probe)
     raise AssertionError(f"routing.router={name!r} passed its check but has no router")
 
 
