@@ -6,7 +6,8 @@
 #   3. `hiermem demo --preset demo-gpu --stage train`: the GPU demo preset's trainings.
 # Each part stops at its share of a 580 s budget (BUDGET=...), so that the whole fits one 10-minute call;
 # results go to $OUT (default runs/gpu-checks): device.txt, tests.log, loop.log, loop.json, profiles.txt (where
-# each loop variant's step time goes), demo.log, demo_train_report.json.
+# each loop variant's step time goes), demo.log, demo_train_report.json, and runs/ (every training's metrics.jsonl
+# and the demo's logs).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-runs/gpu-checks}
@@ -40,4 +41,8 @@ cp runs/bench/loop.json "$OUT/" 2>/dev/null
 for f in runs/bench/loop-runs-paper/*/profile.txt; do [ -f "$f" ] && { echo "== $f"; cat "$f"; }; done > "$OUT/profiles.txt"
 timeout "$(left 600)" python3 -m hiermem demo --preset demo-gpu --stage train --quiet 2>&1 | tee "$OUT/demo.log"
 cp runs/demo-gpu/train_report.json "$OUT/demo_train_report.json" 2>/dev/null
+# each training's own log and metrics, so that a part stopped by its budget still shows how far it got and how fast
+for f in runs/bench/loop-runs-paper/*/metrics.jsonl runs/demo-gpu/runs/*/metrics.jsonl runs/demo-gpu/logs/*.log; do
+    [ -f "$f" ] && { d="$OUT/runs/$(dirname "${f#runs/}")"; mkdir -p "$d" && cp "$f" "$d/"; }
+done
 echo "done in ${SECONDS} s"
