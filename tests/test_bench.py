@@ -120,6 +120,7 @@ def test_knn_suite_measures_the_probing_index_against_the_exact_one(tmp_path):
     res = run_suite("knn", out=str(tmp_path), quick=True)
     assert json.loads((tmp_path / "knn.json").read_text()) == json.loads(json.dumps(res))
     assert res["documents"] + res["queries"] == 4000 and res["leaves"] == 16 and not (tmp_path / "knn-emb.npy").exists()
+    assert (tmp_path / "knn.png").stat().st_size > 0
     p = res["probes"]
     assert set(p) == {"0", "1", "2", "4", "8", "16"}
     for exact in ("0", "16"):

@@ -93,10 +93,36 @@ def run(out: str = "runs/bench", quick: bool = False) -> dict:
                      f"{1e3 * seconds:,.0f}"))
     (out_dir / "knn-emb.npy").unlink()
     save_json(res, out_dir / "knn.json")
+    plot(res, out_dir / "knn.png")
     print_rows(rows)
     print(f"\n{len(Q)} held-out sentences as queries against {res['documents']} indexed ones, {len(sizes)} leaves; "
           "recall and agreement against the exact in-RAM index (probe 0, the exact scan, must give 1.000)")
     return res
+
+
+def plot(res: dict, path: Path) -> None:
+    """Recall and leaf agreement against the share of the corpus each prompt reads, one point per knn_probe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probes = sorted(((int(p), r) for p, r in res["probes"].items()), key=lambda pr: pr[1]["fraction_read"])
+    x = [r["fraction_read"] for _, r in probes]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("recall_at_10", "recall of the exact 10 nearest"), ("same_leaf", "same leaf as exact")):
+        ax.plot(x, [r[key] for _, r in probes], marker="o", label=label)
+    for (p, r), xi in zip(probes, x):
+        ax.annotate(str(p), (xi, r["recall_at_10"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("share of the indexed documents read per prompt")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"knn index, {res['documents']:,} documents, {res['leaves']} leaves, {res['encoder']}\n"
+                 "point labels: routing.knn_probe (0: the exact scan)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 __all__ = ["run", "sentences"]
