@@ -402,9 +402,8 @@ def check_training(cfg: Config) -> None:
     """What a training run needs beyond a valid config (called by the Trainer, so that `hiermem params` and
     `hiermem prepare` take a cotrain preset that names no anchor yet)."""
     t = cfg.train
-    if cfg.memory.kind != "ffn" and (cfg.model.hf or t.compile):  # both add ffn memory only
-        raise HiermemError(f"config: {'model.hf' if cfg.model.hf else 'train.compile'} supports memory.kind=ffn "
-                           f"only (got {cfg.memory.kind})")
+    if cfg.memory.kind != "ffn" and cfg.model.hf:  # the transformers hooks add ffn memory only
+        raise HiermemError(f"config: model.hf supports memory.kind=ffn only (got {cfg.memory.kind})")
     if cfg.model.hf:  # post-hoc memories: the checkpoint is the anchor
         if t.mode not in ("frozen", "cotrain"):
             raise HiermemError(f"config: model.hf trains memories on the checkpoint: train.mode frozen or cotrain, "

@@ -53,14 +53,17 @@ def shape_config(shape: str, mode: str, device: str, compile: bool = False, bran
 
 def random_bank(spec: BankSpec, device: torch.device, seed: int = 0) -> MemoryBank:
     """A bank filled straight on the device (MemoryBank.create initialises block by block on the CPU, far too
-    slow for billions of parameters). Down rows are small but non-zero, as in a trained bank, so every block
-    gets a gradient. Its checksums are not computed: benchmark only."""
+    slow for billions of parameters). The matrices a fresh bank zeroes (ffn down rows, LoRA B, kv values) are
+    small but non-zero, as in a trained bank, so every block gets a gradient. Its checksums are not computed:
+    benchmark only."""
     g = torch.Generator(device=device).manual_seed(seed)
+    zeroed = [m for m in spec.memory_kind.matrices(spec.d) if m.init == "zero"]
     arrays, crcs = {}, {}
     for key in spec.part_keys():
         t = torch.empty(spec.part_shape(key), device=device)
         t.normal_(0.0, spec.std, generator=g)
-        t[:, :, 2].mul_(0.1)
+        for m in zeroed:
+            t[:, :, m.first:m.first + m.n_slabs].mul_(0.1)
         arrays[key], crcs[key] = t, np.zeros(t.shape[0], np.uint32)
     return MemoryBank(spec, arrays, crcs, verified=True)
 
