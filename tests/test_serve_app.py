@@ -16,6 +16,7 @@ import pytest
 from hiermem.cli import main
 from hiermem.eval.evaluate import generate_text
 from hiermem.eval.inference import MemoryContext
+from hiermem.eval.rag import make_rag
 from serve_support import MODEL, http, metric, running_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.torch_threads
@@ -36,10 +37,10 @@ def client(server):
 
 
 @functools.lru_cache(maxsize=None)
-def expected(run_dir, prompt, memory="fetched", router="knn", block_level=None, n=8):
+def expected(run_dir, prompt, memory="fetched", router="knn", block_level=None, n=8, rag=0):
     """What `hiermem generate RUN -p PROMPT` prints after the prompt (the bank in RAM, one prompt alone)."""
     return generate_text(str(run_dir), [prompt], memory=memory, router=router, block_level=block_level,
-                         max_new_tokens=n, device="cpu")[0]
+                         max_new_tokens=n, device="cpu", rag=rag)[0]
 
 
 def test_models_health_and_the_explorer_page(server, client):
@@ -70,6 +71,27 @@ def test_a_completion_equals_hiermem_generate_and_names_its_route(server, client
     else:
         assert route["path"] is None
     assert set(res.timing) == {"queue_s", "embed_s", "route_s", "fetch_s", "prefill_s", "ttft_s"}
+
+
+@pytest.mark.parametrize("rag", [1, 3])
+def test_rag_equals_hiermem_generate_with_rag_and_names_its_documents(server, client, memory_run, rag):
+    """`rag`: the prompt's nearest training documents before it, as `hiermem generate --rag K`; the route names them."""
+    _, run = server
+    prompt = PROMPTS[1]
+    res = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=1,
+                                    extra_body={"rag": rag})
+    choice = res.choices[0]
+    assert choice.text == expected(memory_run, prompt, rag=rag)
+    ctx = MemoryContext(run, "fetched", "knn")
+    want = make_rag(run, ctx, rag).retriever.search([prompt], rag)[0][0].tolist()
+    assert choice.route["rag"] == {"k": rag, "documents": want} and len(want) == rag
+    assert res.usage.prompt_tokens == len(run.tokenizer.encode(prompt))  # the request's tokens, not the documents
+    assert "retrieve_s" in res.timing
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                      logprobs=1).choices[0]
+    assert "rag" not in plain.route and plain.text == expected(memory_run, prompt)
+    # the documents are in the context: the first token's distribution differs (this small model's text may not)
+    assert choice.logprobs.token_logprobs[0] != plain.logprobs.token_logprobs[0]
 
 
 def test_blocking_a_level_changes_the_route_at_that_level(client):
@@ -182,6 +204,10 @@ BAD = [  # (endpoint, body, status, param, words in the message)
     ("completions", {"prompt": "x", "logprobs": 50}, 400, "logprobs", "less than or equal to 20"),
     ("completions", {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias", "not a token id"),
     ("completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ("completions", {"prompt": "x", "rag": -1}, 400, "rag", "greater than or equal to 0"),
+    ("completions", {"prompt": "x", "rag": 17}, 400, "rag", "less than or equal to 16"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "rag": 2}, 400, "max_tokens",
+     "a request with rag must set it"),
     ("chat/completions", {"messages": []}, 400, "messages", "at least 1"),
     ("chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages", "role"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages",
@@ -299,3 +325,14 @@ def test_the_cli_refuses_a_port_in_use_in_one_line(memory_run, capsys):
         busy.close()
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: serve: cannot listen on 127.0.0.1:") and "\n" not in err
+
+
+def test_a_server_default_rag_out_of_range_is_refused_in_one_line(server):
+    from hiermem.errors import HiermemError
+    from hiermem.serve.app import check_defaults
+
+    _, run = server
+    assert check_defaults(run, None, None, None, rag=2).rag == 2
+    for bad in (-1, 17):
+        with pytest.raises(HiermemError, match=rf"^--rag must be 0 \(off\) or a number of documents up to 16, got {bad}$"):
+            check_defaults(run, None, None, None, rag=bad)

@@ -155,7 +155,7 @@ def cmd_serve(args) -> None:
 
     serve(args.run, args.overrides, memory=args.memory, router=args.router, block_level=args.block_level,
           device=args.device, host=args.host, port=args.port, max_batch=args.max_batch,
-          max_waiting=args.max_waiting, served_model_name=args.served_model_name)
+          max_waiting=args.max_waiting, served_model_name=args.served_model_name, rag=args.rag)
 
 
 def cmd_params(args) -> None:
@@ -419,13 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lm_eval)
 
     p = _run_parser(sub, "serve", "an OpenAI-compatible server (/v1/completions, /v1/chat/completions, /metrics) "
-                    "with the memory explorer at /; --memory/--router/--block-level are the requests' defaults")
+                    "with the memory explorer at /; --memory/--router/--block-level/--rag are the requests' defaults")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--max-waiting", type=int, default=64,
                    help="sequences queued beyond the batch before requests get 429 (default 64)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: RUN as given)")
+    _rag_flag(p, "each prompt, unless a request sets `rag`")
     p.set_defaults(func=cmd_serve)
 
     p = _stage_parser(sub, "params", "parameter accounting (anchor / fetched / bank) without allocating")

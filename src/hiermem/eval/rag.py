@@ -82,14 +82,19 @@ class Rag:
         self.retriever, self.tokenizer, self.k, self.max_seq_len = retriever, tokenizer, k, max_seq_len
 
     def augment(self, texts: list[str], prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        return self.augment_with_ids(texts, prompts, max_new_tokens)[0]
+
+    def augment_with_ids(self, texts: list[str], prompts: list[list[int]], max_new_tokens: int
+                         ) -> tuple[list[list[int]], list[list[int]]]:
+        """(the augmented prompts, the retrieved training documents' ids per prompt, nearest first)."""
         if not texts:
-            return []
+            return [], []
         ids, _ = self.retriever.search(texts, self.k)
-        wanted = sorted(set(ids.ravel().tolist()) - {-1})  # -1: fewer found in a probing index's leaves
+        rows = [[d for d in row if d >= 0] for row in ids.tolist()]  # -1: fewer found in a probing index
+        wanted = sorted({d for row in rows for d in row})
         tokens = dict(zip(wanted, self.tokenizer.encode_batch(self.retriever.data.texts_at(wanted))))
-        return [build_context([tokens[d] for d in row if d >= 0], p, self.max_seq_len, max_new_tokens,
-                              self.tokenizer.eos_id)
-                for row, p in zip(ids.tolist(), prompts)]
+        return [build_context([tokens[d] for d in row], p, self.max_seq_len, max_new_tokens, self.tokenizer.eos_id)
+                for row, p in zip(rows, prompts)], rows
 
 
 def _anchor_knn(run: Run, data: DataDir):
@@ -101,8 +106,9 @@ def _anchor_knn(run: Run, data: DataDir):
     return c.tree, c
 
 
-def make_rag(run: Run, ctx: MemoryContext, k: int) -> Rag | None:
-    """RAG with k documents for `run` (None when k is 0); ctx supplies the encoder and, if knn, the index."""
+def make_rag(run: Run, ctx: MemoryContext, k: int, embedder=None) -> Rag | None:
+    """RAG with k documents for `run` (None when k is 0); ctx supplies the encoder (unless `embedder` is given)
+    and, if knn, the index."""
     if k < 0:
         raise HiermemError(f"--rag must be 0 (off) or a number of documents, got {k}")
     if k == 0:
@@ -115,4 +121,4 @@ def make_rag(run: Run, ctx: MemoryContext, k: int) -> Rag | None:
         r = run.cfg.routing
         router = make_router("knn", tree, doc_emb=c.doc_emb(), doc_paths=c.doc_paths, k=r.knn_k, skip=data.is_val(),
                              ram_docs=r.knn_ram_docs, probe=r.knn_probe)
-    return Rag(Retriever(router, ctx.embedder, data), run.tokenizer, k, run.model.cfg.max_seq_len)
+    return Rag(Retriever(router, embedder or ctx.embedder, data), run.tokenizer, k, run.model.cfg.max_seq_len)

@@ -27,8 +27,8 @@ from hiermem.eval.run import Run
 from hiermem.serve.engine import Admitted, Choice, Delta, Engine, Failed, Job
 from hiermem.serve.explore import Explorer
 from hiermem.serve.metrics import Metrics
-from hiermem.serve.protocol import (CHAT_STOP, APIError, ChatCompletionRequest, CompletionRequest, RouteRequest,
-                                    bad_request, chat_logprobs, chat_prompt, checkpoint_chat_template,
+from hiermem.serve.protocol import (CHAT_STOP, MAX_RAG, APIError, ChatCompletionRequest, CompletionRequest,
+                                    RouteRequest, bad_request, chat_logprobs, chat_prompt, checkpoint_chat_template,
                                     completion_logprobs, envelope, new_id, parse, usage)
 
 STATIC = Path(__file__).parent / "static"
@@ -38,11 +38,12 @@ ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/c
 
 @dataclass
 class Defaults:
-    """What a request gets when it does not say: the server's --memory, --router and --block-level."""
+    """What a request gets when it does not say: the server's --memory, --router, --block-level and --rag."""
 
     memory: str
     router: str
     block_level: int | None
+    rag: int = 0
 
 
 class _Limits:
@@ -90,15 +91,18 @@ def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-def check_defaults(run: Run, memory: str | None, router: str | None, block_level: int | None) -> Defaults:
+def check_defaults(run: Run, memory: str | None, router: str | None, block_level: int | None,
+                   rag: int = 0) -> Defaults:
     """The server's defaults, refused in one line when the run cannot serve them."""
+    if not 0 <= rag <= MAX_RAG:
+        raise HiermemError(f"--rag must be 0 (off) or a number of documents up to {MAX_RAG}, got {rag}")
     mode = memory or ("fetched" if run.bank is not None else "none")
     if mode != "none" and run.bank is None:
         raise HiermemError(f"{run.path}: --memory {mode} needs a run trained with memory (this one has none)")
     if block_level is not None and (run.tree is None or not 0 <= block_level < run.tree.depth):
         depth = 0 if run.tree is None else run.tree.depth
         raise HiermemError(f"--block-level {block_level} is outside the tree's levels 0..{depth - 1}")
-    return Defaults(mode, router or run.cfg.routing.router, block_level)
+    return Defaults(mode, router or run.cfg.routing.router, block_level, rag)
 
 
 class _Builder:
@@ -149,6 +153,10 @@ class _Builder:
             stops: list[str], logprobs: int | None) -> Job:
         """prompts: (token ids, routing text) per prompt; n choices each."""
         mode, router, level = self.memory_of(req)
+        rag = req.rag if req.rag is not None else self.defaults.rag
+        if rag and max_tokens is None:
+            raise bad_request("max_tokens: a request with rag must set it (the retrieved documents take the room "
+                              "that the prompt and the completion leave in the context)", "max_tokens")
         choices, prompt_tokens = [], 0
         for i, (ids, route_text) in enumerate(prompts):
             limit = self.fit(ids, max_tokens, param)
@@ -157,8 +165,9 @@ class _Builder:
                 index = i * req.n + j
                 text = TextStream(self.tok.decode, stops)
                 seq = Sequence(ids, limit, self.sampling(req, index), self.tok.eos_id, stop=text, logprobs=logprobs)
-                choices.append(Choice(index, seq, text, mode, router, level, route_text))
-        return Job(choices, prompt_tokens)  # as OpenAI counts them: each prompt once, whatever n
+                choices.append(Choice(index, seq, text, mode, router, level, route_text, rag))
+        # as OpenAI counts them: each prompt once, whatever n (the retrieved documents are not counted)
+        return Job(choices, prompt_tokens)
 
     def completion(self, req: CompletionRequest) -> tuple[Job, list[str]]:
         req.check()
@@ -258,16 +267,18 @@ def _sse(obj: dict) -> str:
 
 def create_app(run: Run, model_name: str, memory: str | None = None, router: str | None = None,
                block_level: int | None = None, max_batch: int = 16, max_waiting: int = 64,
-               batch_wait_s: float = 0.005, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               batch_wait_s: float = 0.005, max_body_bytes: int = MAX_BODY_BYTES, rag: int = 0) -> FastAPI:
     """The app for a loaded run. Its default router and the encoder are loaded now: one that cannot be fails
     here in one line, and the first request does not wait for them."""
-    defaults = check_defaults(run, memory, router, block_level)
+    defaults = check_defaults(run, memory, router, block_level, rag)
     metrics = Metrics()
     engine = Engine(run, metrics, max_batch, max_waiting, batch_wait_s)
     if run.bank is not None:
         engine.embedder.encode(["warm-up"])
     if defaults.memory == "fetched":
         engine.context(defaults.router)
+    if defaults.rag:  # a run without a knn index to retrieve from fails here, in one line
+        engine.rag(defaults.rag)
     builder = _Builder(run, defaults, model_name)
     explorer = Explorer(run) if run.tree is not None else None
     _sources(metrics, engine, run)
@@ -437,14 +448,15 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(run_dir: str, overrides: list[str] | tuple[str, ...] = (), memory: str | None = None,
           router: str | None = None, block_level: int | None = None, device: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_waiting: int = 64,
-          served_model_name: str | None = None) -> None:
+          served_model_name: str | None = None, rag: int = 0) -> None:
     import uvicorn
 
     from hiermem.eval.evaluate import open_run
 
     sock = listen(host, port)  # first: a port in use fails before the run is loaded
     run = open_run(run_dir, overrides, router=router, device=device)
-    app = create_app(run, served_model_name or run_dir, memory, router, block_level, max_batch, max_waiting)
+    app = create_app(run, served_model_name or run_dir, memory, router, block_level, max_batch, max_waiting,
+                     rag=rag)
     print(f"serving {run.path} as model {served_model_name or run_dir!r} on http://{host}:{sock.getsockname()[1]} "
           "(explorer at /)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])

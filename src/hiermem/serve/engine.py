@@ -29,6 +29,7 @@ import numpy as np
 from hiermem.errors import HiermemError
 from hiermem.eval.generation import BatchDecoder, Sequence, Step, TextStream, stack_memory
 from hiermem.eval.inference import MemoryContext
+from hiermem.eval.rag import Rag, make_rag
 from hiermem.eval.run import Run
 from hiermem.memory.fetch import fetch
 from hiermem.routing.clustering import embedder_for
@@ -49,12 +50,17 @@ class Choice:
     router: str
     block_level: int | None
     route_text: str
+    rag: int = 0  # training documents retrieved and put before the prompt (eval/rag.py)
     path: list[int] | None = None
+    documents: list[int] | None = None  # the retrieved documents' ids, nearest first, when rag > 0
     unsent: list[Step] = field(default_factory=list)  # tokens whose text is still held back
 
     def route(self) -> dict:
-        return {"memory": self.memory, "router": self.router if self.memory == "fetched" else None,
-                "block_level": self.block_level if self.memory == "fetched" else None, "path": self.path}
+        out = {"memory": self.memory, "router": self.router if self.memory == "fetched" else None,
+               "block_level": self.block_level if self.memory == "fetched" else None, "path": self.path}
+        if self.rag:
+            out["rag"] = {"k": self.rag, "documents": self.documents}
+        return out
 
 
 @dataclass
@@ -110,6 +116,7 @@ class Engine:
         self.max_batch, self.max_waiting, self.batch_wait_s = max_batch, max_waiting, batch_wait_s
         self.decoder = BatchDecoder(run.model)
         self._contexts: dict[str, MemoryContext] = {}
+        self._rags: dict[int, Rag] = {}
         self._embedder = None
         self._pending: deque[Job] = deque()
         self._calls: list[tuple[Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop]] = []
@@ -177,6 +184,13 @@ class Engine:
             self._contexts[router] = ctx
         return self._contexts[router]
 
+    def rag(self, k: int) -> Rag:
+        """Retrieval of k documents (built on first use, on the engine thread), with the engine's encoder."""
+        if k not in self._rags:
+            ctx = self.context("knn") if self.run.tree is not None else MemoryContext(self.run, "none", "knn")
+            self._rags[k] = make_rag(self.run, ctx, k, embedder=self.embedder)
+        return self._rags[k]
+
     # -- the engine thread ----------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -241,16 +255,26 @@ class Engine:
         for job in jobs:
             job.timing["queue_s"] = start - job.arrival
             try:
+                param = "router"
                 for c in job.choices:
                     if c.memory == "fetched":
                         self.context(c.router)
+                param = "rag"
+                for c in job.choices:
+                    if c.rag:
+                        self.rag(c.rag)
                 ready.append(job)
             except HiermemError as e:
-                job.emit(Failed(APIError(400, str(e), param="router")))
+                job.emit(Failed(APIError(400, str(e), param=param)))
         if not ready:
             return
         try:
             stages, memory, order = self._memory_for([c for j in ready for c in j.choices])
+            retrieving = [c for c in order if c.rag]
+            if retrieving:
+                t = time.perf_counter()
+                self._retrieve(retrieving)
+                stages["retrieve_s"] = time.perf_counter() - t
             t = time.perf_counter()
             steps = self.decoder.add([c.seq for c in order], memory)
             stages["prefill_s"] = time.perf_counter() - t
@@ -301,6 +325,17 @@ class Engine:
             memory = stack_memory([(f.memory, len(with_memory)), (None, len(without))])
         t3 = time.perf_counter()
         return {"embed_s": t1 - t0, "route_s": t2 - t1, "fetch_s": t3 - t2}, memory, with_memory + without
+
+    def _retrieve(self, choices: list[Choice]) -> None:
+        """Put each choice's retrieved documents before its prompt: one search per (k, completion length)."""
+        groups: dict[tuple[int, int], list[Choice]] = {}
+        for c in choices:
+            groups.setdefault((c.rag, c.seq.max_new_tokens), []).append(c)
+        for (k, max_new), group in groups.items():
+            prompts, docs = self.rag(k).augment_with_ids([c.route_text for c in group], [c.seq.prompt for c in group],
+                                                         max_new)
+            for c, prompt, ids in zip(group, prompts, docs):
+                c.seq.prompt, c.documents = prompt, ids
 
     def _publish(self, steps: list[Step]) -> None:
         for st in steps:

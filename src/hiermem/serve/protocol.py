@@ -1,7 +1,7 @@
 """The OpenAI wire format, both ways: request models, their checks, the chat template, responses and errors.
 
 Requests are parsed strictly from the raw body (a string where a number belongs is a 400, not coerced), as
-the documented OpenAI fields plus vLLM's `top_k` and hiermem's own `memory`, `router` and `block_level`.
+the documented OpenAI fields plus vLLM's `top_k` and hiermem's own `memory`, `router`, `block_level` and `rag`.
 Fields are honoured where generation can (sampling, penalties, logit_bias, stop, n, seed, logprobs, echo,
 streaming with usage) and ignored where they do not change the output here (`user`, `metadata`, `store`,
 `service_tier`, ...); a value this server cannot honour (tools, JSON output, suffix, audio, ...) is a 400 that
@@ -21,6 +21,7 @@ from hiermem.config import MEMORY_MODES
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_RAG = 16  # retrieved documents a request may ask for
 CHAT_STOP = "\nUser:"  # the native chat template's next turn: a reply ends before it
 
 
@@ -64,10 +65,11 @@ class _Sampling(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # hiermem's extensions: which memory, routed how
+    # hiermem's extensions: which memory, routed how; how many training documents to retrieve (RAG)
     memory: Literal[MEMORY_MODES] | None = None
     router: Literal["centroid", "knn"] | None = None
     block_level: int | None = Field(None, ge=0)
+    rag: int | None = Field(None, ge=0, le=MAX_RAG)
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
