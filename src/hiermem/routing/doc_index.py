@@ -58,14 +58,15 @@ class DocIndex:
     def mode(self) -> str:
         return "ram" if self._flat is not None else "probe" if self._lists is not None else "scan"
 
-    def _kept(self, a: int, b: int) -> np.ndarray:
-        return np.ones(b - a, bool) if self.skip is None else ~np.asarray(self.skip[a:b], bool)
+    def _kept_blocks(self):
+        """(first row, end row, which of them are kept) per block of KNN_BLOCK_DOCS rows."""
+        for a in range(0, len(self.doc_emb), KNN_BLOCK_DOCS):
+            b = min(len(self.doc_emb), a + KNN_BLOCK_DOCS)
+            yield a, b, np.ones(b - a, bool) if self.skip is None else ~np.asarray(self.skip[a:b], bool)
 
     def _blocks(self):
         """(document ids, their normalised float32 embeddings) per block of KNN_BLOCK_DOCS rows."""
-        for a in range(0, len(self.doc_emb), KNN_BLOCK_DOCS):
-            b = min(len(self.doc_emb), a + KNN_BLOCK_DOCS)
-            keep = self._kept(a, b)
+        for a, b, keep in self._kept_blocks():
             ids = a + np.flatnonzero(keep)
             if len(ids):
                 yield ids, np.ascontiguousarray(l2_normalize(np.asarray(self.doc_emb[a:b], np.float32)[keep]))
@@ -77,9 +78,7 @@ class DocIndex:
         n_leaves = self.tree.n_nodes(self.tree.depth - 1)
 
         def by_leaf():
-            for a in range(0, len(self.doc_emb), KNN_BLOCK_DOCS):
-                b = min(len(self.doc_emb), a + KNN_BLOCK_DOCS)
-                keep = self._kept(a, b)
+            for a, b, keep in self._kept_blocks():
                 yield a + np.flatnonzero(keep), np.asarray(doc_paths[a:b, -1], np.int64)[keep]
 
         counts = np.zeros(n_leaves, np.int64)
@@ -121,9 +120,9 @@ class DocIndex:
         ok = leaves >= 0
         pairs = np.unique(leaves[ok] * n + queries[ok])  # each (leaf, query) once, ordered by leaf
         leaf_of, query_of = pairs // n, pairs % n
+        leaves, first = np.unique(leaf_of, return_index=True)
         flat = faiss.IndexFlatIP(self.dim)
-        for leaf in np.unique(leaf_of):
-            qs = query_of[leaf_of == leaf]
+        for leaf, qs in zip(leaves.tolist(), np.split(query_of, first[1:])):  # the queries that probe each leaf
             lo, hi = int(self._starts[leaf]), int(self._starts[leaf + 1])
             for a in range(lo, hi, KNN_BLOCK_DOCS):
                 ids = np.asarray(self._lists[a : min(hi, a + KNN_BLOCK_DOCS)])  # ascending: rows in file order
