@@ -4,7 +4,8 @@ HTTP handlers (on the asyncio event loop) submit Jobs, one per request, each wit
 sequence each: n per prompt). The engine thread admits waiting jobs between decoding steps, as many as the
 batch has free rows (`max_batch`): it embeds their routing texts in one call, routes them (per router and
 blocking level), fetches every memory row in one fetch() - paths that differ, the generic block and rows
-without memory alike - and prefills them as one batch that then joins the running one (eval/generation.py
+without memory alike - puts the retrieved training documents before the prompts that ask for them (`rag`),
+and prefills them as one batch that then joins the running one (eval/generation.py
 BatchDecoder). Requests that arrive while the engine is idle are given `batch_wait_s` to arrive together.
 Each step's tokens go back to the handlers' queues through the loop (call_soon_threadsafe).
 
