@@ -15,6 +15,7 @@ import torch
 from hiermem.config import load_config
 from hiermem.errors import HiermemError
 from hiermem.train.loop import Trainer
+from hiermem.train.parallel import close_world
 from hiermem.train.stop import Stopped
 
 
@@ -50,6 +51,7 @@ def main() -> int:
             trainer.advance = signalled
         trainer.run(stop_at=args.stop_at)
     except Stopped as e:  # a clean stop, as the CLI reports it
+        close_world(trainer.world)
         print(str(e), file=sys.stderr, flush=True)
         return e.exit_code
     except HiermemError as e:
@@ -65,6 +67,7 @@ def main() -> int:
                        for key, level, _, _ in bank.spec.level_parts()})
         arrays["resident_bytes"] = bank.resident_bytes()
         np.savez(os.path.join(args.dump, f"rank{trainer.world.rank}.npz"), **arrays)
+    close_world(trainer.world)  # as hiermem train does
     return 0
 
 

@@ -66,8 +66,8 @@ from hiermem.routing.clustering import load_clustering
 from hiermem.routing.tree import Tree
 from hiermem.train.checkpoint import (RUN_FORMAT_VERSION, STATE_JSON, load_state, load_weights, read_run_format,
                                       save_weights, write_checkpoint, write_run_format)
-from hiermem.train.parallel import (collective_errors, full_model_state, full_optimizer_state, init_world,
-                                    is_sharded, load_optimizer_state, wrap_anchor)
+from hiermem.train.parallel import (close_world, collective_errors, full_model_state, full_optimizer_state,
+                                    init_world, is_sharded, load_optimizer_state, wrap_anchor)
 from hiermem.train.flops import flops_per_token, peak_flops
 from hiermem.train.profile import StepProfiler
 from hiermem.train.step import TrainStep, anchor_optimizer, bank_optimizer
@@ -717,7 +717,16 @@ def as_numbers(out: dict) -> dict:
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
-    return Trainer(cfg, resume=resume, progress=progress).run()
+    trainer = Trainer(cfg, resume=resume, progress=progress)
+    try:
+        summary = trainer.run()
+    except Stopped:  # a clean stop: every rank stopped at the same step
+        close_world(trainer.world)
+        raise
+    # a process group left to the interpreter's exit can abort it ("terminate called without an active
+    # exception"). Not after a failed collective: a dead peer's group is not waited on, the process just exits
+    close_world(trainer.world)
+    return summary
 
 
 __all__ = ["Trainer", "as_numbers", "train", "training_rows"]
