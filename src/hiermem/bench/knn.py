@@ -80,7 +80,7 @@ def run(out: str = "runs/bench", quick: bool = False) -> dict:
         _, got = router.index.search(q, K)
         recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(want.tolist(), got.tolist())]))
         if probe:
-            probed = router.index._probed_leaves(q, None)
+            probed = router.index.probed_leaves(q)
             read = float(np.mean([sizes[np.unique(p[p >= 0])].sum() for p in probed]))
         else:
             read = float(res["documents"])

@@ -92,7 +92,7 @@ class DocIndex:
         self._leaf_flat = faiss.IndexFlatL2(self.dim)  # the tree routes by squared L2, on normalised vectors
         self._leaf_flat.add(np.ascontiguousarray(self.tree.centroids[-1], np.float32))
 
-    def _probed_leaves(self, q: np.ndarray, avoid: tuple[int, np.ndarray] | None) -> np.ndarray:
+    def probed_leaves(self, q: np.ndarray, avoid: tuple[int, np.ndarray] | None = None) -> np.ndarray:
         """[n, 1 + probe] leaves per query: its own (greedy descent) first, then the nearest leaf centroids; with
         avoid = (level, node per query) none inside that node's subtree. A repeated leaf is searched once."""
         t = self.tree
@@ -115,7 +115,7 @@ class DocIndex:
         n = len(q)
         D = np.full((n, kk), -np.inf, np.float32)
         I = np.full((n, kk), -1, np.int64)
-        probed = self._probed_leaves(q, avoid)
+        probed = self.probed_leaves(q, avoid)
         leaves, queries = probed.ravel(), np.repeat(np.arange(n), probed.shape[1])
         ok = leaves >= 0
         pairs = np.unique(leaves[ok] * n + queries[ok])  # each (leaf, query) once, ordered by leaf
