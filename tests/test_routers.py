@@ -222,3 +222,29 @@ def test_knn_probing_that_finds_no_document_routes_by_centroid_descent():
     assert router.index.mode == "probe" and router.index.search(unit(q[:1]), 3)[1].tolist() == [[-1, -1, -1]]
     assert router.route(q).tolist() == [[0], [3]]
     assert router.route(q[:1]).tolist() == CentroidRouter(tree).route(q[:1]).tolist()
+
+
+def test_the_probing_router_reads_the_paths_twice_and_lists_what_the_index_counts_itself(blob_setup):
+    """Above knn_ram_docs the router's path check also counts the documents per leaf, so its start reads the
+    paths once for check + counts and once for the sort (not three times); the lists equal those of a DocIndex
+    that counts on its own."""
+    from hiermem.routing.doc_index import DocIndex
+
+    X, paths, Q, _, tree = blob_setup
+    skip = np.random.default_rng(2).random(len(X)) < 0.2
+
+    class Counted:  # the rows that indexing reads, as a memory map would serve them
+        def __init__(self, a):
+            self.a, self.shape, self.rows = a, a.shape, 0
+
+        def __getitem__(self, key):
+            out = self.a[key]
+            self.rows += len(np.atleast_1d(out)) if np.ndim(out) else 1
+            return out
+
+    counted = Counted(paths)
+    router = KnnRouter(tree, X, counted, k=10, skip=skip, ram_docs=0, probe=2)
+    assert router.index.mode == "probe" and counted.rows == 2 * len(X)
+    alone = DocIndex(X, skip, ram_docs=0, probe=2, tree=tree, doc_paths=paths)
+    assert np.array_equal(router.index._lists, alone._lists) and np.array_equal(router.index._starts, alone._starts)
+    assert np.array_equal(router.index.search(unit(Q), 10)[1], alone.search(unit(Q), 10)[1])

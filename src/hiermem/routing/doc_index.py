@@ -35,10 +35,11 @@ _names = count()
 
 class DocIndex:
     """Search over the documents of doc_emb [N, dim] not in `skip` (a bool [N]), answering document ids (rows of
-    doc_emb). The probing index needs the tree and the documents' paths [N, depth] (memory-mapped is fine)."""
+    doc_emb). The probing index needs the tree and the documents' paths [N, depth] (memory-mapped is fine);
+    leaf_counts, the kept documents per leaf if the caller has counted them, saves one read of the paths."""
 
     def __init__(self, doc_emb, skip=None, ram_docs: int = RAM_DOCS, probe: int = 0, tree: Tree | None = None,
-                 doc_paths=None):
+                 doc_paths=None, leaf_counts: np.ndarray | None = None):
         import faiss
 
         self.doc_emb, self.skip, self.dim = doc_emb, skip, doc_emb.shape[1]
@@ -52,7 +53,7 @@ class DocIndex:
         elif self.probe > 0:
             if tree is None or doc_paths is None:
                 raise ValueError("DocIndex: probing the tree's leaves needs the tree and the documents' paths")
-            self._build_lists(doc_paths)
+            self._build_lists(doc_paths, leaf_counts)
 
     @property
     def mode(self) -> str:
@@ -71,7 +72,7 @@ class DocIndex:
             if len(ids):
                 yield ids, np.ascontiguousarray(l2_normalize(np.asarray(self.doc_emb[a:b], np.float32)[keep]))
 
-    def _build_lists(self, doc_paths) -> None:
+    def _build_lists(self, doc_paths, counts: np.ndarray | None) -> None:
         """The kept document ids sorted by leaf (in id order inside a leaf), and where each leaf's run starts."""
         import faiss
 
@@ -81,9 +82,10 @@ class DocIndex:
             for a, b, keep in self._kept_blocks():
                 yield a + np.flatnonzero(keep), np.asarray(doc_paths[a:b, -1], np.int64)[keep]
 
-        counts = np.zeros(n_leaves, np.int64)
-        for _, leaves in by_leaf():
-            counts += np.bincount(leaves, minlength=n_leaves)
+        if counts is None:
+            counts = np.zeros(n_leaves, np.int64)
+            for _, leaves in by_leaf():
+                counts += np.bincount(leaves, minlength=n_leaves)
         # TMPDIR: file-backed pages (reclaimable), not anonymous memory; unlinked, so nothing is left behind
         path = Path(tempfile.gettempdir()) / f".hiermem-knn-{os.getpid()}-{next(_names)}.npy"
         self._lists = counting_sort(by_leaf, counts, path)

@@ -68,16 +68,22 @@ def _vote(leaves: np.ndarray, sims: np.ndarray, valid: np.ndarray) -> np.ndarray
     return np.where(valid.any(axis=1), choice, -1)
 
 
-def _check_doc_paths(tree: Tree, doc_paths, n: int) -> None:
-    """One-line errors for document paths that are not one root-to-leaf path of `tree` per document."""
+def _check_doc_paths(tree: Tree, doc_paths, n: int, skip=None) -> np.ndarray:
+    """One-line errors for document paths that are not one root-to-leaf path of `tree` per document. Returns the
+    documents per leaf, those in `skip` left out (the probing index's list sizes: one read of the paths for both)."""
     if doc_paths.shape != (n, tree.depth):
         raise HiermemError(f"knn router: document paths have shape {doc_paths.shape}, "
                            f"expected ({n}, {tree.depth}) (one path per document)")
+    n_leaves = tree.n_nodes(tree.depth - 1)
+    counts = np.zeros(n_leaves, np.int64)
     for a in range(0, n, KNN_BLOCK_DOCS):
         p = np.asarray(doc_paths[a : a + KNN_BLOCK_DOCS], np.int64)
         if not np.array_equal(p, paths_from_leaves(p[:, -1], tree.depth, tree.branching)) or \
-                p[:, -1].min() < 0 or p[:, -1].max() >= tree.n_nodes(tree.depth - 1):
+                p[:, -1].min() < 0 or p[:, -1].max() >= n_leaves:
             raise HiermemError("knn router: document paths are not valid root-to-leaf paths of this tree")
+        leaves = p[:, -1] if skip is None else p[~np.asarray(skip[a : a + KNN_BLOCK_DOCS], bool), -1]
+        counts += np.bincount(leaves, minlength=n_leaves)
+    return counts
 
 
 class KnnRouter:
@@ -92,15 +98,15 @@ class KnnRouter:
         if len(doc_emb.shape) != 2 or doc_emb.shape[1] != tree.dim or len(doc_emb) == 0:
             raise HiermemError(f"knn router: document embeddings have shape {doc_emb.shape}, expected [N>0, {tree.dim}]")
         doc_paths = doc_paths if hasattr(doc_paths, "shape") else np.asarray(doc_paths)
-        _check_doc_paths(tree, doc_paths, len(doc_emb))
         if skip is not None and len(skip) != len(doc_emb):
             raise HiermemError(f"knn router: the skip mask has {len(skip)} entries for {len(doc_emb)} documents")
+        leaf_counts = _check_doc_paths(tree, doc_paths, len(doc_emb), skip)
         config.check_value("routing.knn_k", k, label="routing.knn_k")
         config.check_value("routing.knn_probe", probe, label="routing.knn_probe")
         self.tree, self.k = tree, int(k)
         self.doc_paths = doc_paths
         self.name = f"knn:k={self.k}"
-        self.index = DocIndex(doc_emb, skip, ram_docs, probe, tree, doc_paths)
+        self.index = DocIndex(doc_emb, skip, ram_docs, probe, tree, doc_paths, leaf_counts)
         if self.index.ntotal == 0:
             raise HiermemError("knn router: every document is skipped (no training documents to vote among)")
 
