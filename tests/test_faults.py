@@ -94,12 +94,13 @@ def test_sigterm_then_sigint_stop_cleanly_and_resume_to_the_uninterrupted_run(ar
 
 
 def poison(trainer: Trainer, at_step: int):
-    """The loss of 0-based step `at_step` becomes NaN (so do all its gradients), as a diverging step would."""
+    """The logits of 0-based step `at_step` become NaN (so do its loss and all its gradients), as a diverging
+    step's would."""
     forward = trainer.model.forward
 
     def poisoned(*a, **kw):
         logits, loss = forward(*a, **kw)
-        return logits, loss * float("nan") if trainer.step == at_step else loss
+        return logits * float("nan") if trainer.step == at_step else logits, loss
 
     trainer.model.forward = poisoned
 

@@ -7,7 +7,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from hiermem.config import ModelConfig
 from hiermem.model import FetchedMemory
-from hiermem.model.transformer import Transformer, count_parameters, document_mask
+from hiermem.model.transformer import Transformer, count_parameters, document_mask, next_token_loss
 
 TINY = ModelConfig(vocab_size=97, n_layers=3, d_model=32, n_heads=2, head_dim=8, d_ff=48, max_seq_len=32)
 
@@ -185,6 +185,30 @@ def test_loss_ignores_masked_targets_and_tied_weights_shared():
     logits, loss = m(ids, targets=tgt)
     ref = F.cross_entropy(logits[:, 4:].reshape(-1, 97), ids[:, 4:].reshape(-1))
     torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_next_token_loss_equals_the_plain_cross_entropy(dtype):
+    """train.compile compiles the loss (the step takes it from the model's logits): in value and in the logits'
+    gradient it is the plain float32 cross-entropy over the targets that are not -100, for bf16 logits too."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 7, 50, generator=g)).to(dtype)
+    targets = torch.randint(0, 50, (3, 7), generator=g)
+    targets[0, :4] = targets[2, 5:] = -100
+    keep = targets != -100
+    ref = -torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0][keep].mean()
+    compiled = torch.compile(next_token_loss)
+    grads = []
+    for fn in (next_token_loss, compiled):
+        x = logits.clone().requires_grad_(True)
+        loss = fn(x, targets)
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.allclose(loss, ref, rtol=1e-6, atol=1e-6)
+        grads.append(x.grad)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6  # bf16: the gradient is rounded to bf16 either way
+    assert grads[0].dtype == grads[1].dtype == dtype
+    assert torch.allclose(grads[0].float(), grads[1].float(), rtol=tol, atol=1e-6)
+    assert not grads[1][~keep].any()  # ignored positions get no gradient
 
 
 def test_memory_gradient_flows_only_through_memory_leaf():

@@ -186,7 +186,7 @@ class TrainConfig:
     checkpoint: bool = setting(True, "false: write no checkpoint and no final model, only metrics.jsonl and "
                                "train_summary.json (and, with memory.mmap, the bank's working files): throughput "
                                "runs at scale, where the paper's bank with its moments is ~55 GB a checkpoint")
-    compile: bool = setting(False, "torch.compile each transformer block")
+    compile: bool = setting(False, "torch.compile each transformer block and the loss")
     profile_steps: List[int] = setting([], "[start, end): torch.profiler over steps start+1 .. end, its operator "
                                        "table in <run>/profile.txt (rank 0); [] = off")
     parallel: str = setting("ddp", "anchor parallelism under torchrun: ddp (replicated) | fsdp (fully_shard, for "

@@ -234,10 +234,14 @@ class Transformer(nn.Module):
         if cache is not None:  # generation needs the next token only
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits, None if targets is None else next_token_loss(logits, targets)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy [B, T, V] vs [B, T] over the targets that are not -100, in float32 (bf16 logits are
+    upcast first). train.compile compiles this too, as torchtitan does: fused, the upcast and the softmax never
+    materialise a float32 copy of the logits."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(0, 1), ignore_index=-100)
 
 
 def count_parameters(cfg: ModelConfig) -> int:

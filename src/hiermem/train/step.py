@@ -29,7 +29,7 @@ from hiermem.memory.bank import MemoryBank
 from hiermem.memory.fetch import FetchCounts, block_grads, fetch, needed_blocks
 from hiermem.memory.optim import LazyAdamW
 from hiermem.memory.shard import ShardReducer
-from hiermem.model.transformer import Transformer
+from hiermem.model.transformer import Transformer, next_token_loss
 from hiermem.train.parallel import World, is_sharded, local_grads, no_grad_sync
 from hiermem.train.schedule import span_cosine, warmup_cosine
 
@@ -93,9 +93,12 @@ class TrainStep:
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.first_bad_kind = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        # the loss is taken here, from the model's logits, so that train.compile can compile it too
+        self.loss_fn = next_token_loss
         if cfg.train.compile:  # per block, as torchtitan does: the memory branch traces without a graph break
             for block in model.blocks:
                 block.compile()
+            self.loss_fn = torch.compile(next_token_loss)
 
     def prefetch(self, paths: torch.Tensor, step: int) -> None:
         """Start reading the blocks that step `step` will fetch for a batch with these paths."""
@@ -109,6 +112,12 @@ class TrainStep:
             return generic_draw(self.cfg, step, rows)
         r = self.world.rank
         return generic_draw(self.cfg, step, rows * self.world.size)[r * rows:(r + 1) * rows]
+
+    def _micro_loss(self, module: torch.nn.Module, dev: dict, sl: slice, memory) -> torch.Tensor:
+        """The mean loss of rows sl of the batch (bf16 autocast where on); the logits die with this frame."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits, _ = module(dev["input_ids"][sl], None, dev["positions"][sl], dev["segment_ids"][sl], memory)
+            return self.loss_fn(logits, dev["targets"][sl])
 
     def __call__(self, batch: dict[str, torch.Tensor], step: int) -> dict:
         if self.world is not None:
@@ -130,9 +139,7 @@ class TrainStep:
         for lo in range(0, B, micro):
             sl = slice(lo, lo + micro)
             memory = f.memory.rows(sl) if f is not None else None  # same leaves: gradients accumulate
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                _, loss = self.model(dev["input_ids"][sl], dev["targets"][sl], dev["positions"][sl],
-                                     dev["segment_ids"][sl], memory)
+            loss = self._micro_loss(self.model, dev, sl, memory)
             # weight each micro-batch by its share of the batch's target tokens: equals one big batch's mean
             share = (dev["targets"][sl] != -100).sum() / n_valid
             loss = torch.where(share > 0, loss, 0.0)  # no targets: mean of nothing (NaN), share 0; a real NaN stays
@@ -167,9 +174,7 @@ class TrainStep:
             sl = slice(lo, lo + micro)
             memory = f.memory.rows(sl) if f is not None else None
             with no_grad_sync(self.module, last=lo == starts[-1]):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    _, loss = self.module(dev["input_ids"][sl], dev["targets"][sl], dev["positions"][sl],
-                                          dev["segment_ids"][sl], memory)
+                loss = self._micro_loss(self.module, dev, sl, memory)
                 share = (dev["targets"][sl] != -100).sum() / n_valid  # of the global batch's targets
                 loss = torch.where(share > 0, loss, 0.0)
                 (loss * share).backward()

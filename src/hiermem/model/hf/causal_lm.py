@@ -21,7 +21,6 @@ import dataclasses
 import inspect
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 from transformers import PreTrainedModel
@@ -32,7 +31,7 @@ from hiermem.errors import HiermemError
 from hiermem.model.fetched import FetchedMemory
 from hiermem.model.hf.load import load_config, load_model
 from hiermem.model.hf.mlp import MemoryHooks
-from hiermem.model.transformer import KVCache, document_mask
+from hiermem.model.transformer import KVCache, document_mask, next_token_loss
 
 
 def checkpoint_shape(cfg: ModelConfig) -> tuple[ModelConfig, list[str]]:
@@ -94,10 +93,7 @@ class CausalLM(nn.Module):
         if cache is not None:  # generation needs the next token only
             cache.keys, cache.values = [l.keys for l in past.layers], [l.values for l in past.layers]
             logits = logits[:, -1:]
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits, None if targets is None else next_token_loss(logits, targets)
 
     def _aliases(self) -> set[str]:
         """Names of tied tensors after their first name (tied embeddings: lm_head.weight)."""
