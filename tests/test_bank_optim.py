@@ -4,7 +4,7 @@ import torch
 
 from hiermem.errors import HiermemError
 from hiermem.memory.bank import MemoryBank
-from hiermem.memory.fetch import block_grads, fetch
+from hiermem.memory.fetch import BlockGrads, block_grads, fetch
 from hiermem.memory.optim import LazyAdamW
 from hiermem.memory.spec import BankSpec
 
@@ -65,6 +65,8 @@ def test_gradient_of_a_shared_block_is_the_sum_over_sequences():
 
 
 def test_matches_torch_adamw_per_block_with_lazy_step_counts():
+    """Each block as its own parameter of torch.optim.AdamW(fused=True), stepped only when fetched: the same
+    kernel with the same per-block step counts, so bit-identical."""
     bank = MemoryBank.create(SPEC, seed=1)
     opt = LazyAdamW(bank, lr=1e-2, **HYPER)
     # block level1/0 is fetched at steps 1 and 3 only: its count must be 2 (lazy), not 3
@@ -74,7 +76,7 @@ def test_matches_torch_adamw_per_block_with_lazy_step_counts():
     ref = {}
     for (k, i) in tracked:
         p = torch.nn.Parameter(bank.part(k)[i].clone())
-        ref[(k, i)] = (p, torch.optim.AdamW([p], lr=1e-2, **HYPER))
+        ref[(k, i)] = (p, torch.optim.AdamW([p], lr=1e-2, **HYPER, fused=True))
     for step, ((paths, use), lr) in enumerate(zip(batches, lrs)):
         bg = grads_for(bank, paths, use, seed=10 + step)
         for (k, i), (p, ref_opt) in ref.items():
@@ -88,11 +90,32 @@ def test_matches_torch_adamw_per_block_with_lazy_step_counts():
     assert opt.steps["level1"][0] == 2 and opt.steps["level1"][3] == 1 and opt.steps["level0"][0] == 2
     assert opt.steps["generic"][0] == 1
     for (k, i), (p, ref_opt) in ref.items():
-        torch.testing.assert_close(bank.part(k)[i], p.detach(), rtol=0, atol=1e-6)
         st = ref_opt.state[p]
         assert int(st["step"]) == opt.steps[k][i]
-        torch.testing.assert_close(bank.read_part(k, "m")[i], st["exp_avg"], rtol=0, atol=1e-6)
-        torch.testing.assert_close(bank.read_part(k, "v")[i], st["exp_avg_sq"], rtol=0, atol=1e-6)
+        assert torch.equal(bank.part(k)[i], p.detach()), (k, i)
+        assert torch.equal(bank.read_part(k, "m")[i], st["exp_avg"]) and torch.equal(bank.read_part(k, "v")[i],
+                                                                                     st["exp_avg_sq"]), (k, i)
+
+
+def test_masked_steps_equal_leaving_them_out():
+    """A step masked by its skip flag (train.nonfinite=skip), read only on the device: the run equals, bit for
+    bit, the run that never took those steps (weights, moments, step counts), and a masked step changes nothing."""
+    banks = {masked: MemoryBank.create(SPEC, seed=2) for masked in (True, False)}
+    opts = {masked: LazyAdamW(banks[masked], lr=1e-2, **HYPER) for masked in banks}
+    for s in range(6):
+        g = np.random.default_rng(s)
+        paths = np.stack([g.integers(0, 2, 3), g.integers(0, 4, 3)], axis=1)
+        use, bad = torch.from_numpy(g.random(3) < 0.3), s in (2, 4)
+        before = snapshot(banks[True], opts[True])
+        opts[True].step(grads_for(banks[True], paths, use, seed=s), lr=1e-2 / (1 + s % 3), skip=torch.tensor(bad))
+        if bad:
+            after = snapshot(banks[True], opts[True])
+            assert all(torch.equal(a, b) for k in before for a, b in zip(before[k][:3], after[k][:3]))
+        else:
+            opts[False].step(grads_for(banks[False], paths, use, seed=s), lr=1e-2 / (1 + s % 3))
+    opts[True].settle()
+    _assert_same(banks[True], opts[True], banks[False], opts[False])
+    assert opts[True].steps["level0"].sum() > 0
 
 
 def _run(bank, opt, seeds):
@@ -154,3 +177,22 @@ def test_a_bank_on_disk_trains_like_one_in_ram_and_reloads_with_its_moments(tmp_
     _run(back, back_opt, [7])
     _run(ram, ram_opt, [7])
     _assert_same(back, back_opt, ram, ram_opt)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_bank_on_the_gpu_takes_the_fused_kernel_and_equals_the_cpu_update():
+    """A bank on CUDA: torch's fused kernel on views of its blocks, per-block steps and a masked step, within
+    float32 rounding of the same update on the CPU."""
+    cpu, gpu = MemoryBank.create(SPEC, seed=3), MemoryBank.create(SPEC, seed=3).to("cuda")
+    opts = [LazyAdamW(cpu, lr=1e-2, **HYPER), LazyAdamW(gpu, lr=1e-2, **HYPER)]
+    for s in range(4):
+        g = np.random.default_rng(s)
+        paths = np.stack([g.integers(0, 2, 3), g.integers(0, 4, 3)], axis=1)
+        grads = grads_for(cpu, paths, seed=s)
+        for bank, opt in zip((cpu, gpu), opts):
+            moved = BlockGrads(grads.ids, {k: t.to(bank.device) for k, t in grads.grads.items()})
+            opt.step(moved, lr=1e-2, skip=torch.tensor(s == 2, device=bank.device))
+    for k in SPEC.part_keys():
+        for field in "wmv":
+            torch.testing.assert_close(gpu.read_part(k, field).cpu(), cpu.read_part(k, field), rtol=1e-5, atol=1e-7)

@@ -3,8 +3,9 @@
 Only the blocks fetched in a step are updated: their moments, their weight decay and their own step count
 (bias corrections use the per-block count). Every other block, with its m, v and count, stays bit-identical:
 dense AdamW would keep moving un-fetched blocks through stale momentum and decoupled weight decay
-(docs/method.md §6.2). The update itself mirrors torch.optim.AdamW's single-tensor code, op for op, in float32
-whatever the bank's storage dtype (a bf16 bank rounds the result when it stores it: memory/precision.py).
+(docs/method.md §6.2). The update is torch.optim.AdamW(fused=True)'s kernel (on CPU and CUDA), bit for bit,
+in float32 whatever the bank's storage dtype (a bf16 bank rounds the result when it stores it:
+memory/precision.py).
 
 The moments m and v are kept by the bank, beside each block (MemoryBank.read_state / write_state), so that a
 bank on disk pages, caches and checkpoints a block together with its state. The optimizer itself keeps only the
@@ -14,10 +15,11 @@ always come from the constructor (the config); the file records them for referen
 checkpoint file, which always covers the whole bank, and load() takes a shard's rows of it.
 
 A masked step (step(..., skip=flag), a 0-dim bool on the bank's device: train.nonfinite=skip) changes nothing
-when the flag is set, without reading it on the host: the blocks keep their old weights and moments
-(torch.where), and their step counts, kept on the host, are corrected on the device (an "uncounted" tensor per
-part, subtracted where the bias corrections are computed and folded into the counts by settle(), which save()
-and gathered() call). A block written back unchanged still counts as written (its bf16 rounding counter moves).
+when the flag is set, without reading it on the host: the blocks keep their old weights and moments (the kernel
+takes the flag as its found_inf), and their step counts, kept on the host, are corrected on the device (an
+"uncounted" tensor per part, subtracted where the bias corrections are computed and folded into the counts by
+settle(), which save() and gathered() call). A block written back unchanged still counts as written (its bf16
+rounding counter moves).
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ class LazyAdamW:
         """Update the blocks in grads; returns the number of distinct blocks updated per tree level (counted
         whether or not a `skip` flag masks the update, which is not read on the host)."""
         lr = self.lr if lr is None else float(lr)
-        b1, b2 = self.betas
         dev = self.bank.device
         updated = [0] * self.bank.spec.depth
         for key, ids in grads.ids.items():
@@ -63,37 +64,32 @@ class LazyAdamW:
             ids = ids.cpu()
             rows = self.bank.local_rows(key, ids.numpy())
             steps[rows] += 1
-            # per-block bias corrections, computed in float64 like torch's Python-float scalars
+            # the kernel's step counts: float32, one per block
             if skip is None:
-                t = torch.from_numpy(steps[rows].astype(np.float64))
+                t = torch.from_numpy(steps[rows].astype(np.float32))
             else:
                 t = self._masked_counts(key, rows, skip)
-            bshape = (-1,) + (1,) * (g.dim() - 1)
-            step_size = (lr / (1 - b1 ** t)).to(dev, torch.float32).view(bshape)
-            bc2_sqrt = ((1 - b2 ** t) ** 0.5).to(dev, torch.float32).view(bshape)
-
             w, m, v = self.bank.read_state(key, ids)
-            old = (w.clone(), m.clone(), v.clone()) if skip is not None else None
-            w.mul_(1 - lr * self.weight_decay)  # decoupled weight decay, touched blocks only
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-            w.add_(-step_size * m / denom)  # = addcdiv_(m, denom, value=-step_size), same op order
-            if old is not None:
-                w, m, v = (torch.where(skip, a, b) for a, b in zip(old, (w, m, v)))
+            # torch's fused AdamW kernel, in place, each block a tensor with its own step count (per-block bias
+            # corrections): one pass over w, m, v and the gradient; a set skip flag (found_inf) changes nothing
+            b1, b2 = self.betas
+            torch._fused_adamw_(list(w.unbind(0)), list(g.unbind(0)), list(m.unbind(0)), list(v.unbind(0)), [],
+                                list(t.to(dev).unbind(0)), lr=lr, beta1=b1, beta2=b2,
+                                weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
+                                found_inf=None if skip is None else skip.float())
             self.bank.write_state(key, ids, w, m, v)
             if key.startswith("level"):
                 updated[int(key[5:])] = len(ids)
         return updated
 
     def _masked_counts(self, key: str, rows: np.ndarray, skip: torch.Tensor) -> torch.Tensor:
-        """This step's counts of blocks `rows` (float64, on the device) net of earlier masked steps; then this
+        """This step's counts of blocks `rows` (float32, on the device) net of earlier masked steps; then this
         step, if masked, is added to the uncounted ones. No host sync."""
         dev = skip.device
         if key not in self._uncounted:
             self._uncounted[key] = torch.zeros(len(self.steps[key]), dtype=torch.int64, device=dev)
         uncounted, idx = self._uncounted[key], torch.from_numpy(rows).to(dev)
-        t = (torch.from_numpy(self.steps[key][rows]).to(dev) - uncounted[idx]).double()
+        t = (torch.from_numpy(self.steps[key][rows]).to(dev) - uncounted[idx]).float()
         uncounted.index_add_(0, idx, skip.long().expand(len(rows)))
         return t
 
