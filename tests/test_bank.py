@@ -115,6 +115,42 @@ def test_read_and_write_blocks():
     assert torch.equal(bank.part("level2")[ids], new)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_update_state_hands_out_views_of_a_float32_bank_and_copies_otherwise(dtype):
+    """The optimizer's way in: a float32 RAM bank hands update() views of its own rows (nothing copied), a bf16
+    bank float32 copies that it stores (rounded) afterwards; either way the blocks and moments change as update
+    changed them, the others not at all, and the blocks count as written."""
+    bank = MemoryBank.create(SPEC, seed=2, dtype=dtype)
+    bank.enable_state()
+    ids = torch.tensor([9, 4])
+    before = {f: bank.read_part("level2", f) for f in "wmv"}
+    seen = {}
+
+    def update(w, m, v):
+        seen["views"] = [t.untyped_storage().data_ptr() for t in (w[0], m[0], v[0])]
+        assert len(w) == len(m) == len(v) == 2 and all(t.dtype == torch.float32 for t in w + m + v)
+        for j, (wj, mj, vj) in enumerate(zip(w, m, v)):
+            wj.add_(1.0 + j), mj.fill_(0.5 + j), vj.fill_(2.0 + j)
+
+    bank.update_state("level2", ids, update)
+    own = [bank.part("level2"), *bank._state["level2"]]
+    assert (seen["views"] == [t.untyped_storage().data_ptr() for t in own]) == (dtype == "float32")
+    after = {f: bank.read_part("level2", f) for f in "wmv"}
+    for j, i in enumerate(ids.tolist()):
+        want = (before["w"][i] + 1.0 + j).to(bank.part("level2").dtype).float()
+        assert torch.allclose(after["w"][i], want, atol=0 if dtype == "float32" else 0.02)
+        assert (after["m"][i] == 0.5 + j).all() and (after["v"][i] == 2.0 + j).all()
+    rest = torch.ones(len(before["w"]), dtype=torch.bool)
+    rest[ids] = False
+    assert all(torch.equal(after[f][rest], before[f][rest]) for f in "wmv")
+    assert bank._writes["level2"][ids.numpy()].tolist() == [1, 1] and bank._dirty["level2"][ids.numpy()].all()
+    with pytest.raises(HiermemError, match="not held|read-only"):
+        ro = MemoryBank.create(SPEC, seed=2, dtype=dtype)
+        ro.enable_state()
+        ro.writable = False
+        ro.update_state("level2", ids, update)
+
+
 @pytest.mark.parametrize("mmap", [False, True])
 def test_save_load_round_trip_is_bit_exact(tmp_path, mmap):
     bank = MemoryBank.create(SPEC, seed=5)
@@ -221,6 +257,10 @@ def test_corrupted_block_is_named(tmp_path):
         fetch(bank, np.array([[0, 0, 16], [1, 0, 18]]))
         with pytest.raises(HiermemError) as e:
             fetch(bank, np.array([[0, 0, 3], [2, 0, 17]]))
+        assert str(e.value) == msg
+        bank.enable_state()
+        with pytest.raises(HiermemError) as e:  # the optimizer's in-place update checks a block not read yet
+            bank.update_state("level2", torch.tensor([17]), lambda w, m, v: None)
         assert str(e.value) == msg
         with pytest.raises(HiermemError) as e:
             MemoryBank.load(d, mmap=mmap, verify="all")

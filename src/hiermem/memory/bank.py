@@ -1,17 +1,16 @@
 """The memory bank: the parameter blocks of every tree node, in RAM (or on the GPU) or on disk, checksummed.
 
-A part (memory/spec.py) is one array [n_nodes, n_mem_layers, S, r, d] (S = 3 for ffn memory; memory.kind) in
-the bank's storage dtype, float32 or
-bfloat16 (memory.dtype; memory/precision.py); blocks are always handed out and taken back as float32. The bank
-also holds the lazy AdamW's moments of its blocks (memory/optim.py), so that a block and its optimizer state are
-stored, cached and checkpointed together. MemoryBank keeps everything in RAM; DiskBank (memory/disk.py,
-memory.mmap=true) keeps it in files behind a block cache with a byte budget, for a bank and optimizer state
-larger than RAM. A MemoryBank may also be a shard (`held`): only the blocks one rank of a job fetches
-(memory/shard.py), in rows of their own, addressed by their global ids like any bank's. Both offer the same
-interface: read_blocks / write_blocks (weights), read_state / write_state (weights with their moments, the
-optimizer's way in), and commit / publish / save (memory/store.py: format 3, incremental and crash-safe).
-Every block read from a file is checked against its crc32 (a RAM bank checks each block the first time it is
-read). Fetching a batch's blocks is memory/fetch.py.
+A part (memory/spec.py) is one array [n_nodes, n_mem_layers, S, r, d] (S = 3 for ffn memory; memory.kind) in the
+bank's storage dtype, float32 or bfloat16 (memory.dtype; memory/precision.py); blocks are always handed out and
+taken back as float32. The bank also holds the lazy AdamW's moments of its blocks (memory/optim.py), so that a block
+and its optimizer state are stored, cached and checkpointed together. MemoryBank keeps everything in RAM; DiskBank
+(memory/disk.py, memory.mmap=true) keeps it in files behind a block cache with a byte budget, for a bank and
+optimizer state larger than RAM. A MemoryBank may also be a shard (`held`): only the blocks one rank of a job
+fetches (memory/shard.py), in rows of their own, addressed by their global ids like any bank's. Both offer the same
+interface: read_blocks / write_blocks (weights), read_state / write_state (weights with their moments), update_state
+(the optimizer's way in: in place in a float32 RAM bank, copies elsewhere), and commit / publish / save
+(memory/store.py: format 3, incremental and crash-safe). Every block read from a file is checked against its crc32
+(a RAM bank checks each block the first time it is read). Fetching a batch's blocks is memory/fetch.py.
 """
 
 from __future__ import annotations
@@ -294,11 +293,16 @@ class MemoryBank:
         t = self._t[key]
         rows = self._rows(key, ids)  # before any bookkeeping: a block not held changes nothing
         ids_np = ids.numpy()
+        counts = self._written(key, ids_np)
+        t.index_copy_(0, rows, to_storage(values.to(t.device), self.dtype, key, ids_np, counts))
+
+    def _written(self, key: str, ids_np: np.ndarray) -> np.ndarray:
+        """Bookkeeping of a write of blocks ids: their write counts (returned: bf16 rounding seeds), dirty."""
         counts = self._writes[key][ids_np] + 1
         self._writes[key][ids_np] = counts
-        t.index_copy_(0, rows, to_storage(values.to(t.device), self.dtype, key, ids_np, counts))
         self._dirty[key][ids_np] = True
         self._verified[key][ids_np] = True  # the content is now ours, not the file's
+        return counts
 
     def enable_state(self) -> None:
         """Give every block optimizer moments (zeros) unless the bank already has them (e.g. loaded to resume)."""
@@ -318,6 +322,27 @@ class MemoryBank:
         m_all.index_copy_(0, idx, m)
         v_all.index_copy_(0, idx, v)
         self.write_blocks(key, ids, w)
+
+    def update_state(self, key: str, ids: torch.Tensor, update) -> None:
+        """update(w, m, v) changes blocks ids (distinct, cpu int64) and their moments in place, given as three
+        lists of float32 tensors, one per block. A float32 bank in RAM hands out views of its own rows: nothing
+        is copied (on the GPU, no gather before the optimizer and no scatter after it). Any other bank hands out
+        copies (read_state) and stores what update made of them (write_state)."""
+        if self.on_disk or self.dtype != "float32":
+            w, m, v = self.read_state(key, ids)
+            update(list(w.unbind(0)), list(m.unbind(0)), list(v.unbind(0)))
+            self.write_state(key, ids, w, m, v)
+            return
+        if not self.writable:
+            raise HiermemError(f"{self.dir}: bank was opened read-only")
+        ids_np = ids.numpy()
+        rows = self.local_rows(key, ids_np).tolist()  # before any bookkeeping: a block not held changes nothing
+        unverified = ~self._verified[key][ids_np]
+        if unverified.any():  # a block read from a file is checked before it changes (fetch normally did)
+            self.read_blocks(key, ids[torch.from_numpy(unverified)])
+        t, (m_all, v_all) = self._t[key], self._state[key]
+        update([t[r] for r in rows], [m_all[r] for r in rows], [v_all[r] for r in rows])
+        self._written(key, ids_np)
 
     def hold(self, blocks: dict[str, torch.Tensor]) -> None:
         """The blocks the current training step uses (a bank on disk keeps them cached until it writes them)."""

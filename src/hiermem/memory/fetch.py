@@ -37,8 +37,9 @@ class BlockGrads:
     grads: dict[str, torch.Tensor]
 
     def norm_sq(self) -> torch.Tensor:
-        sq = [g.float().pow(2).sum() for g in self.grads.values()]
-        return torch.stack(sq).sum() if sq else torch.zeros(())
+        """The squared L2 norm of every block's gradient together (foreach: no squared copy of the gradients)."""
+        grads = [g.float() for g in self.grads.values()]
+        return torch.stack(torch._foreach_norm(grads)).pow(2).sum() if grads else torch.zeros(())
 
     def scale_(self, factor: float | torch.Tensor) -> "BlockGrads":
         for g in self.grads.values():

@@ -7,8 +7,9 @@ dense AdamW would keep moving un-fetched blocks through stale momentum and decou
 in float32 whatever the bank's storage dtype (a bf16 bank rounds the result when it stores it:
 memory/precision.py).
 
-The moments m and v are kept by the bank, beside each block (MemoryBank.read_state / write_state), so that a
-bank on disk pages, caches and checkpoints a block together with its state. The optimizer itself keeps only the
+The moments m and v are kept by the bank, beside each block (MemoryBank.update_state: in place in a float32
+bank in RAM, through copies elsewhere), so that a bank on disk pages, caches and checkpoints a block together with
+its state. The optimizer itself keeps only the
 per-block step counts and the hyperparameters; save() writes those to one small .npz file. Hyperparameters
 always come from the constructor (the config); the file records them for reference only. Over a bank shard
 (memory/bank.py `held`) the counts are the shard's blocks' only; gathered() assembles every rank's for the
@@ -69,18 +70,22 @@ class LazyAdamW:
                 t = torch.from_numpy(steps[rows].astype(np.float32))
             else:
                 t = self._masked_counts(key, rows, skip)
-            w, m, v = self.bank.read_state(key, ids)
-            # torch's fused AdamW kernel, in place, each block a tensor with its own step count (per-block bias
-            # corrections): one pass over w, m, v and the gradient; a set skip flag (found_inf) changes nothing
-            b1, b2 = self.betas
-            torch._fused_adamw_(list(w.unbind(0)), list(g.unbind(0)), list(m.unbind(0)), list(v.unbind(0)), [],
-                                list(t.to(dev).unbind(0)), lr=lr, beta1=b1, beta2=b2,
-                                weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
-                                found_inf=None if skip is None else skip.float())
-            self.bank.write_state(key, ids, w, m, v)
+            self.bank.update_state(key, ids, self._kernel(list(g.unbind(0)), list(t.to(dev).unbind(0)), lr, skip))
             if key.startswith("level"):
                 updated[int(key[5:])] = len(ids)
         return updated
+
+    def _kernel(self, grads: list[torch.Tensor], steps: list[torch.Tensor], lr: float, skip: torch.Tensor | None):
+        """The update of blocks w, m, v (lists, one tensor per block, as the bank hands them out) by torch's fused
+        AdamW kernel, in place: one pass over weights, moments and gradient, each block with its own step count
+        (per-block bias corrections); a set skip flag (found_inf) changes nothing."""
+        b1, b2 = self.betas
+        found_inf = None if skip is None else skip.float()
+
+        def update(w: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+            torch._fused_adamw_(w, grads, m, v, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=self.weight_decay,
+                                eps=self.eps, amsgrad=False, maximize=False, found_inf=found_inf)
+        return update
 
     def _masked_counts(self, key: str, rows: np.ndarray, skip: torch.Tensor) -> torch.Tensor:
         """This step's counts of blocks `rows` (float32, on the device) net of earlier masked steps; then this
