@@ -86,3 +86,25 @@ def test_flex_attention_training_is_refused_off_cuda():
     cfg.model.attention = "flex"
     with pytest.raises(HiermemError, match="model.attention=flex trains on CUDA only"):
         build_step(cfg, CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode, doc_len, nonfinite", [("anchor", 0, "stop"), ("scratch", 0, "stop"),
+                                                       ("scratch", 5, "skip")])
+def test_a_training_step_on_the_gpu_never_waits_for_the_device(mode, doc_len, nonfinite):
+    """No host synchronisation inside a step (the loop reads its numbers every train.log_every steps): under
+    CUDA's sync debug mode "error" any synchronising call (a blocking copy to or from the device, .item(), a
+    data-dependent shape) raises. Whole-document rows and packed ones, the bank's fetch and fused lazy AdamW,
+    a maskable step."""
+    cfg = shape_config("tiny", mode, "cuda")
+    cfg.train.nonfinite = nonfinite
+    step = build_step(cfg, torch.device("cuda"))
+    step(synthetic_batch(cfg, 0, doc_len), 0)  # the first step creates the optimizers' state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step(synthetic_batch(cfg, 1, doc_len), 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(torch.isfinite(out["loss"]))

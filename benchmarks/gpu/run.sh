@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, from a copy of the repository holding what benchmarks/gpu/prepare.sh made (.carry, .whl):
 #   1. the CUDA-only tests (FlexAttention vs the dense mask, fetched memory vs its per-sequence reference, the
-#      bank's fused AdamW vs its CPU update);
+#      bank's fused AdamW vs its CPU update, no host sync inside a training step);
 #   2. `hiermem bench --suite loop --stage train`: `hiermem train -c paper-160m` itself, anchor vs memory, eager
 #      and compiled (tokens/s and MFU from the runs' own metrics.jsonl);
 #   3. `hiermem demo --preset demo-gpu --stage train`: the GPU demo preset's trainings.
@@ -36,7 +36,7 @@ left() {  # seconds for a part: its cap, or what is left of the budget (at least
     nproc; free -g | sed -n 2p
 } 2>&1 | tee "$OUT/device.txt"
 timeout "$(left 60)" python3 -m pytest -p no:cacheprovider -o addopts="" -q -k "gpu" \
-    tests/test_transformer.py tests/test_fetched.py tests/test_bank_optim.py 2>&1 | tee "$OUT/tests.log"
+    tests/test_transformer.py tests/test_fetched.py tests/test_bank_optim.py tests/test_step.py 2>&1 | tee "$OUT/tests.log"
 timeout "$(left 360)" python3 -m hiermem bench --suite loop --stage train --out runs/bench 2>&1 | tee "$OUT/loop.log"
 cp runs/bench/loop.json "$OUT/" 2>/dev/null
 for f in runs/bench/loop-runs-paper/*/profile.txt; do [ -f "$f" ] && { echo "== $f"; cat "$f"; }; done > "$OUT/profiles.txt"

@@ -246,10 +246,10 @@ class MemoryBank:
         return rows
 
     def _rows(self, key: str, ids: torch.Tensor) -> torch.Tensor:
-        """local_rows as an index tensor on the bank's device."""
+        """local_rows as an index tensor on the bank's device (copied without waiting for the device)."""
         if self._held is None:
-            return ids.to(self.device)
-        return torch.from_numpy(self.local_rows(key, ids.numpy())).to(self.device)
+            return ids.to(self.device, non_blocking=True)
+        return torch.from_numpy(self.local_rows(key, ids.numpy())).to(self.device, non_blocking=True)
 
     def resident_bytes(self) -> int:
         """Bytes of the tensors this bank keeps in memory: its blocks' weights and, once attached, moments."""

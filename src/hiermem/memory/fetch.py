@@ -113,7 +113,7 @@ def fetch(bank: MemoryBank, paths: np.ndarray | torch.Tensor, use_generic: torch
             index[generic_rows] = 0
         else:
             index[path_rows] = inv
-        weights = bank.read_blocks(key, uniq, copy=requires_grad).to(out)
+        weights = bank.read_blocks(key, uniq, copy=requires_grad).to(out, non_blocking=True)  # host -> GPU: no wait
         parts.append(MemoryPart(weights, index, offsets.get(key, 0), key))
         block_ids[key], counts[key] = uniq, n
         nbytes += len(uniq) * bank.block_bytes(key)

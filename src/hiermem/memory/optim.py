@@ -70,7 +70,7 @@ class LazyAdamW:
                 t = torch.from_numpy(steps[rows].astype(np.float32))
             else:
                 t = self._masked_counts(key, rows, skip)
-            self.bank.update_state(key, ids, self._kernel(list(g.unbind(0)), list(t.to(dev).unbind(0)), lr, skip))
+            self.bank.update_state(key, ids, self._kernel(list(g.unbind(0)), list(t.to(dev, non_blocking=True).unbind(0)), lr, skip))
             if key.startswith("level"):
                 updated[int(key[5:])] = len(ids)
         return updated
@@ -93,8 +93,8 @@ class LazyAdamW:
         dev = skip.device
         if key not in self._uncounted:
             self._uncounted[key] = torch.zeros(len(self.steps[key]), dtype=torch.int64, device=dev)
-        uncounted, idx = self._uncounted[key], torch.from_numpy(rows).to(dev)
-        t = (torch.from_numpy(self.steps[key][rows]).to(dev) - uncounted[idx]).float()
+        uncounted, idx = self._uncounted[key], torch.from_numpy(rows).to(dev, non_blocking=True)
+        t = (torch.from_numpy(self.steps[key][rows]).to(dev, non_blocking=True) - uncounted[idx]).float()
         uncounted.index_add_(0, idx, skip.long().expand(len(rows)))
         return t
 

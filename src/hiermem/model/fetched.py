@@ -69,15 +69,19 @@ class _Rows:  # per part: the rows that use it and their block index, both on th
 
 
 def _rows_of(part: MemoryPart) -> _Rows:
+    """Worked out on the host (the index lives there), copied to the device without waiting for it."""
     idx = part.index.detach().to("cpu", torch.int64)
     used = idx >= 0
-    dev = part.weights.device
+
+    def to_dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(part.weights.device, non_blocking=True)
+
     if bool(used.all()):
-        sel = idx.to(dev)
+        sel = to_dev(idx)
         return _Rows(None, sel, len(idx), sel, None)
     rows = used.nonzero().squeeze(1)
-    mask = used.to(part.weights.dtype).view(-1, 1, 1, 1).to(dev)
-    return _Rows(rows.to(dev), idx[rows].to(dev), len(rows), idx.clamp(min=0).to(dev), mask)
+    mask = to_dev(used.to(part.weights.dtype).view(-1, 1, 1, 1))
+    return _Rows(to_dev(rows), to_dev(idx[rows]), len(rows), to_dev(idx.clamp(min=0)), mask)
 
 
 @dataclass

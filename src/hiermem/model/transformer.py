@@ -61,11 +61,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+def whole_documents(segment_ids: torch.Tensor) -> bool:
+    """Whether every row is one document without padding (plain causal attention needs no mask). A host sync
+    when segment_ids is on the GPU: the trainer asks this of its CPU copy and then passes no segment ids."""
+    return bool(((segment_ids == segment_ids[:, :1]) & (segment_ids >= 0)).all())
+
+
 def document_mask(segment_ids: torch.Tensor, kind: str = "sdpa"):
     """Query i may see key j iff same document and j <= i. None when every row is a single document without
     padding (plain causal attention, the fastest kernels); else a boolean [B, 1, T, T] for SDPA, or a
     FlexAttention BlockMask with kind="flex". A padding query sees only itself (one finite softmax entry)."""
-    if kind == "sdpa" and bool(((segment_ids == segment_ids[:, :1]) & (segment_ids >= 0)).all()):
+    if kind == "sdpa" and whole_documents(segment_ids):
         return None
     if kind == "flex":
         def same_doc(b, h, q, k):

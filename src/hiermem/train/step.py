@@ -29,7 +29,7 @@ from hiermem.memory.bank import MemoryBank
 from hiermem.memory.fetch import FetchCounts, block_grads, fetch, needed_blocks
 from hiermem.memory.optim import LazyAdamW
 from hiermem.memory.shard import ShardReducer
-from hiermem.model.transformer import Transformer, next_token_loss
+from hiermem.model.transformer import Transformer, next_token_loss, whole_documents
 from hiermem.train.parallel import World, is_sharded, local_grads, no_grad_sync
 from hiermem.train.schedule import span_cosine, warmup_cosine
 
@@ -113,10 +113,12 @@ class TrainStep:
         r = self.world.rank
         return generic_draw(self.cfg, step, rows * self.world.size)[r * rows:(r + 1) * rows]
 
-    def _micro_loss(self, module: torch.nn.Module, dev: dict, sl: slice, memory) -> torch.Tensor:
-        """The mean loss of rows sl of the batch (bf16 autocast where on); the logits die with this frame."""
+    def _micro_loss(self, module: torch.nn.Module, batch: dict, dev: dict, sl: slice, memory) -> torch.Tensor:
+        """The mean loss of rows sl of the batch (bf16 autocast where on); the logits die with this frame. Rows
+        that are whole documents (asked of the batch's host copy: no device sync) need no document mask."""
+        segments = None if whole_documents(batch["segment_ids"][sl]) else dev["segment_ids"][sl]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits, _ = module(dev["input_ids"][sl], None, dev["positions"][sl], dev["segment_ids"][sl], memory)
+            logits, _ = module(dev["input_ids"][sl], None, dev["positions"][sl], segments, memory)
             return self.loss_fn(logits, dev["targets"][sl])
 
     def __call__(self, batch: dict[str, torch.Tensor], step: int) -> dict:
@@ -139,7 +141,7 @@ class TrainStep:
         for lo in range(0, B, micro):
             sl = slice(lo, lo + micro)
             memory = f.memory.rows(sl) if f is not None else None  # same leaves: gradients accumulate
-            loss = self._micro_loss(self.model, dev, sl, memory)
+            loss = self._micro_loss(self.model, batch, dev, sl, memory)
             # weight each micro-batch by its share of the batch's target tokens: equals one big batch's mean
             share = (dev["targets"][sl] != -100).sum() / n_valid
             loss = torch.where(share > 0, loss, 0.0)  # no targets: mean of nothing (NaN), share 0; a real NaN stays
@@ -174,7 +176,7 @@ class TrainStep:
             sl = slice(lo, lo + micro)
             memory = f.memory.rows(sl) if f is not None else None
             with no_grad_sync(self.module, last=lo == starts[-1]):
-                loss = self._micro_loss(self.module, dev, sl, memory)
+                loss = self._micro_loss(self.module, batch, dev, sl, memory)
                 share = (dev["targets"][sl] != -100).sum() / n_valid  # of the global batch's targets
                 loss = torch.where(share > 0, loss, 0.0)
                 (loss * share).backward()
