@@ -18,6 +18,7 @@ With no memory every hook is skipped, so the plain anchor pays nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -81,6 +82,13 @@ def document_mask(segment_ids: torch.Tensor, kind: str = "sdpa"):
         B, T = segment_ids.shape
         return create_block_mask(same_doc, B, None, T, T, device=segment_ids.device)
     return visible(segment_ids, segment_ids, 0)[:, None]
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled, as it must be to be fast: eager, it materialises the whole score matrix. Made on
+    first use (compiling is lazy either way); inside a compiled block the compiler traces through it."""
+    return torch.compile(flex_attention)
 
 
 def visible(seg_q: torch.Tensor, seg_k: torch.Tensor, offset: int) -> torch.Tensor:
@@ -147,8 +155,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif isinstance(mask, torch.Tensor):  # boolean [B, 1, T, T]: causal and within the same document
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:  # a FlexAttention BlockMask (model.attention=flex): the same rule, computed blockwise
-            y = flex_attention(q, k, v, block_mask=mask)
+        else:  # a FlexAttention BlockMask (model.attention=flex): the same rule, computed blockwise (on CUDA by
+            # the compiled kernel; the CPU runs the eager reference, forward only)
+            y = (compiled_flex_attention() if q.is_cuda else flex_attention)(q, k, v, block_mask=mask)
         if memory is not None:  # kv memory: a separate attention over the memory slots, added per head
             y = memory.attend(q_plain, y)
         return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), memory, "o_proj")
