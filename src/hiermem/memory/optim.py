@@ -7,13 +7,13 @@ dense AdamW would keep moving un-fetched blocks through stale momentum and decou
 in float32 whatever the bank's storage dtype (a bf16 bank rounds the result when it stores it:
 memory/precision.py).
 
-The moments m and v are kept by the bank, beside each block (MemoryBank.update_state: in place in a float32
-bank in RAM, through copies elsewhere), so that a bank on disk pages, caches and checkpoints a block together with
-its state. The optimizer itself keeps only the
-per-block step counts and the hyperparameters; save() writes those to one small .npz file. Hyperparameters
-always come from the constructor (the config); the file records them for reference only. Over a bank shard
-(memory/bank.py `held`) the counts are the shard's blocks' only; gathered() assembles every rank's for the
-checkpoint file, which always covers the whole bank, and load() takes a shard's rows of it.
+The moments m and v are kept by the bank, beside each block (MemoryBank.update_state: in place in a float32 bank in
+RAM, through copies elsewhere), so that a bank on disk pages, caches and checkpoints a block together with its
+state. The optimizer itself keeps only the per-block step counts and the hyperparameters; save() writes those to
+one small .npz file. Hyperparameters always come from the constructor (the config); the file records them for
+reference only. Over a bank shard (memory/bank.py `held`) the counts are the shard's blocks' only; gathered()
+assembles every rank's for the checkpoint file, which always covers the whole bank, and load() takes a shard's rows
+of it.
 
 A masked step (step(..., skip=flag), a 0-dim bool on the bank's device: train.nonfinite=skip) changes nothing
 when the flag is set, without reading it on the host: the blocks keep their old weights and moments (the kernel
@@ -70,7 +70,8 @@ class LazyAdamW:
                 t = torch.from_numpy(steps[rows].astype(np.float32))
             else:
                 t = self._masked_counts(key, rows, skip)
-            self.bank.update_state(key, ids, self._kernel(list(g.unbind(0)), list(t.to(dev, non_blocking=True).unbind(0)), lr, skip))
+            steps_dev = list(t.to(dev, non_blocking=True).unbind(0))
+            self.bank.update_state(key, ids, self._kernel(list(g.unbind(0)), steps_dev, lr, skip))
             if key.startswith("level"):
                 updated[int(key[5:])] = len(ids)
         return updated
