@@ -171,7 +171,7 @@ def build(cfg, bank: MemoryBank) -> TrainStep:
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     cpu = torch.device("cpu")
-    return TrainStep(cfg, model, cpu, total_steps=10_000, anchor_opt=anchor_optimizer(model, cfg, cpu), bank=bank,
+    return TrainStep(cfg, model, cpu, total_steps=10_000, anchor_opt=anchor_optimizer(model, cfg), bank=bank,
                      bank_opt=bank_optimizer(bank, cfg))
 
 

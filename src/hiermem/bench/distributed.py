@@ -69,7 +69,7 @@ def worker(shape: str, steps: int, warmup: int, out: str, device: str) -> None:
         held = held_blocks(sharers, world.rank)  # this rank's shard, as the trainer holds it
         bank = MemoryBank(spec, {k: bank.part(k)[torch.from_numpy(h).to(dev)] for k, h in held.items()},
                           {k: np.zeros(spec.part_shape(k)[0], np.uint32) for k in held}, held=held)
-    step_fn = TrainStep(cfg, model, dev, 10_000, anchor_optimizer(model, cfg, dev), bank, bank_optimizer(bank, cfg),
+    step_fn = TrainStep(cfg, model, dev, 10_000, anchor_optimizer(model, cfg), bank, bank_optimizer(bank, cfg),
                         world=world, module=module, reducer=reducer)
     for s in range(warmup):
         step_fn(_batch(cfg, s, rows(s, world.rank)), s)

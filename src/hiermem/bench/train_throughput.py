@@ -102,7 +102,7 @@ def build_step(cfg: Config, device: torch.device) -> TrainStep:
     if cfg.uses_memory:
         bank = random_bank(spec_from_config(cfg), device)
         bank_opt = bank_optimizer(bank, cfg)
-    return TrainStep(cfg, model, device, total_steps=10_000, anchor_opt=anchor_optimizer(model, cfg, device),
+    return TrainStep(cfg, model, device, total_steps=10_000, anchor_opt=anchor_optimizer(model, cfg),
                      bank=bank, bank_opt=bank_opt)
 
 

@@ -248,7 +248,7 @@ class Trainer:
         if state is not None:
             load_weights(self.model, cfg.run_dir / "checkpoint" / state["files"]["model"])
         self.module = wrap_anchor(self.model, world, t.parallel)  # after loading: FSDP2 shards in place
-        self.opt = None if t.mode == "frozen" else anchor_optimizer(self.model, cfg, self.device)
+        self.opt = None if t.mode == "frozen" else anchor_optimizer(self.model, cfg)
         if t.init_optimizer and init_src is not None and self.opt is not None and state is None:
             self._continue_optimizer(init_src)
 

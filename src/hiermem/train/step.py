@@ -3,13 +3,12 @@
     fetch the batch's memory blocks (each row's root-to-leaf path, or the generic block)
     -> forward + backward over micro-batches (the loss normalised by the batch's count of target tokens)
     -> one gradient norm over the anchor and the fetched blocks together, clipped without a host sync
-    -> the anchor's AdamW (fused on CUDA, foreach on CPU) and the bank's lazy AdamW on the fetched blocks only.
+    -> the anchor's AdamW (fused) and the bank's lazy AdamW (the same fused kernel) on the fetched blocks only.
 
 Numerical faults never cost a host sync: a step whose loss or gradient norm is NaN/Inf is recorded in flags on
 the device (as GradScaler's found_inf), which the loop reads when it logs and before every checkpoint
-(nonfinite()). With train.nonfinite=skip the step's update is masked there too: the anchor's AdamW is then the
-fused one on every device (it takes the flag as found_inf: no change to weights, moments or step counts) and
-the bank's lazy AdamW keeps the old values of the step's blocks (memory/optim.py).
+(nonfinite()). With train.nonfinite=skip the step's update is masked there too: both AdamWs take the flag as
+their kernel's found_inf (no change to weights, moments or step counts; memory/optim.py for the bank's).
 
 Nothing here reads files or logs: the loop (train/loop.py) feeds batches and writes metrics, the benchmark feeds
 synthetic batches. The step returns tensors; converting them to Python numbers (a host sync) is the caller's
@@ -34,17 +33,16 @@ from hiermem.train.parallel import World, is_sharded, local_grads, no_grad_sync
 from hiermem.train.schedule import span_cosine, warmup_cosine
 
 
-def anchor_optimizer(model: Transformer, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+def anchor_optimizer(model: Transformer, cfg: Config) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm gains are not decayed), as in nanoGPT."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     t = cfg.train
-    # skip: fused on CPU too, the kernel that masks a step by found_inf on the device
-    fused = device.type == "cuda" or t.nonfinite == "skip"
-    fast = {"fused": True} if fused else {"foreach": True}
+    # fused on CPU and CUDA: one pass per parameter instead of foreach's several, and the kernel that masks a
+    # step by found_inf on the device (train.nonfinite=skip)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, **fast)
+        lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True)
 
 
 def bank_optimizer(bank: MemoryBank, cfg: Config) -> LazyAdamW:
