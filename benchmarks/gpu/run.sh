@@ -35,8 +35,9 @@ left() {  # seconds for a part: its cap, or what is left of the budget (at least
     python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
     nproc; free -g | sed -n 2p
 } 2>&1 | tee "$OUT/device.txt"
-timeout "$(left 60)" python3 -m pytest -p no:cacheprovider -o addopts="" -q -k "gpu" \
-    tests/test_transformer.py tests/test_fetched.py tests/test_bank_optim.py tests/test_step.py 2>&1 | tee "$OUT/tests.log"
+# the quick ones first: the FlexAttention test compiles its kernel (forward and backward)
+timeout "$(left 90)" python3 -m pytest -p no:cacheprovider -o addopts="" -q -k "gpu" \
+    tests/test_step.py tests/test_bank_optim.py tests/test_fetched.py tests/test_transformer.py 2>&1 | tee "$OUT/tests.log"
 timeout "$(left 360)" python3 -m hiermem bench --suite loop --stage train --out runs/bench 2>&1 | tee "$OUT/loop.log"
 cp runs/bench/loop.json "$OUT/" 2>/dev/null
 for f in runs/bench/loop-runs-paper/*/profile.txt; do [ -f "$f" ] && { echo "== $f"; cat "$f"; }; done > "$OUT/profiles.txt"
