@@ -43,6 +43,8 @@ cp runs/bench/loop.json "$OUT/" 2>/dev/null
 for f in runs/bench/loop-runs-paper/*/profile.txt; do [ -f "$f" ] && { echo "== $f"; cat "$f"; }; done > "$OUT/profiles.txt"
 timeout "$(left 600)" python3 -m hiermem demo --preset demo-gpu --stage train --quiet 2>&1 | tee "$OUT/demo.log"
 cp runs/demo-gpu/train_report.json "$OUT/demo_train_report.json" 2>/dev/null
+# a training the budget stopped writes its checkpoint and last lines after `timeout` returns: wait (15 s at most)
+for _ in $(seq 15); do pgrep -f "job_entry|hiermem train" > /dev/null || break; sleep 1; done
 # each training's own log and metrics, so that a part stopped by its budget still shows how far it got and how fast
 for f in runs/bench/loop-runs-paper/*/metrics.jsonl runs/demo-gpu/runs/*/metrics.jsonl runs/demo-gpu/logs/*.log; do
     [ -f "$f" ] && { d="$OUT/runs/$(dirname "${f#runs/}")"; mkdir -p "$d" && cp "$f" "$d/"; }
