@@ -24,13 +24,29 @@ from pathlib import Path
 import numpy as np
 
 from hiermem.data.npyfile import counting_sort
+from hiermem.errors import HiermemError
 from hiermem.routing.embedders import l2_normalize
-from hiermem.routing.tree import Tree
+from hiermem.routing.tree import Tree, paths_from_leaves
 
 RAM_DOCS = 2_000_000  # routing.knn_ram_docs's default: documents the knn index holds in RAM (3 GB at 384-d)
 PROBE_LEAVES = 16  # routing.knn_probe's default: leaves searched per query above ram_docs, besides its own
 KNN_BLOCK_DOCS = 1 << 16  # documents read at a time: building the index, checking paths, scanning
 _names = count()
+
+
+def checked_leaf_counts(tree: Tree, doc_paths, skip=None) -> np.ndarray:
+    """The documents per leaf, those in `skip` left out (the probing index's list sizes), read KNN_BLOCK_DOCS rows
+    at a time; a one-line error where a row is not a root-to-leaf path of `tree`."""
+    n_leaves = tree.n_nodes(tree.depth - 1)
+    counts = np.zeros(n_leaves, np.int64)
+    for a in range(0, doc_paths.shape[0], KNN_BLOCK_DOCS):
+        p = np.asarray(doc_paths[a : a + KNN_BLOCK_DOCS], np.int64)
+        if not np.array_equal(p, paths_from_leaves(p[:, -1], tree.depth, tree.branching)) or \
+                p[:, -1].min() < 0 or p[:, -1].max() >= n_leaves:
+            raise HiermemError("knn router: document paths are not valid root-to-leaf paths of this tree")
+        leaves = p[:, -1] if skip is None else p[~np.asarray(skip[a : a + KNN_BLOCK_DOCS], bool), -1]
+        counts += np.bincount(leaves, minlength=n_leaves)
+    return counts
 
 
 class DocIndex:
@@ -76,16 +92,12 @@ class DocIndex:
         """The kept document ids sorted by leaf (in id order inside a leaf), and where each leaf's run starts."""
         import faiss
 
-        n_leaves = self.tree.n_nodes(self.tree.depth - 1)
-
         def by_leaf():
             for a, b, keep in self._kept_blocks():
                 yield a + np.flatnonzero(keep), np.asarray(doc_paths[a:b, -1], np.int64)[keep]
 
         if counts is None:
-            counts = np.zeros(n_leaves, np.int64)
-            for _, leaves in by_leaf():
-                counts += np.bincount(leaves, minlength=n_leaves)
+            counts = checked_leaf_counts(self.tree, doc_paths, self.skip)
         # TMPDIR: file-backed pages (reclaimable), not anonymous memory; unlinked, so nothing is left behind
         path = Path(tempfile.gettempdir()) / f".hiermem-knn-{os.getpid()}-{next(_names)}.npy"
         self._lists = counting_sort(by_leaf, counts, path)
@@ -164,4 +176,4 @@ def _merge(D: np.ndarray, I: np.ndarray, qs: np.ndarray, sims: np.ndarray, ids: 
     D[qs], I[qs] = np.take_along_axis(cat_d, top, 1), np.take_along_axis(cat_i, top, 1)
 
 
-__all__ = ["DocIndex", "KNN_BLOCK_DOCS", "PROBE_LEAVES", "RAM_DOCS"]
+__all__ = ["DocIndex", "KNN_BLOCK_DOCS", "PROBE_LEAVES", "RAM_DOCS", "checked_leaf_counts"]

@@ -19,7 +19,7 @@ import numpy as np
 
 from hiermem import config
 from hiermem.errors import HiermemError
-from hiermem.routing.doc_index import KNN_BLOCK_DOCS, PROBE_LEAVES, RAM_DOCS, DocIndex
+from hiermem.routing.doc_index import PROBE_LEAVES, RAM_DOCS, DocIndex, checked_leaf_counts
 from hiermem.routing.embedders import l2_normalize
 from hiermem.routing.tree import Tree, paths_from_leaves
 
@@ -74,16 +74,7 @@ def _check_doc_paths(tree: Tree, doc_paths, n: int, skip=None) -> np.ndarray:
     if doc_paths.shape != (n, tree.depth):
         raise HiermemError(f"knn router: document paths have shape {doc_paths.shape}, "
                            f"expected ({n}, {tree.depth}) (one path per document)")
-    n_leaves = tree.n_nodes(tree.depth - 1)
-    counts = np.zeros(n_leaves, np.int64)
-    for a in range(0, n, KNN_BLOCK_DOCS):
-        p = np.asarray(doc_paths[a : a + KNN_BLOCK_DOCS], np.int64)
-        if not np.array_equal(p, paths_from_leaves(p[:, -1], tree.depth, tree.branching)) or \
-                p[:, -1].min() < 0 or p[:, -1].max() >= n_leaves:
-            raise HiermemError("knn router: document paths are not valid root-to-leaf paths of this tree")
-        leaves = p[:, -1] if skip is None else p[~np.asarray(skip[a : a + KNN_BLOCK_DOCS], bool), -1]
-        counts += np.bincount(leaves, minlength=n_leaves)
-    return counts
+    return checked_leaf_counts(tree, doc_paths, skip)
 
 
 class KnnRouter:
