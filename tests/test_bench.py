@@ -12,7 +12,7 @@ from hiermem.train.step import TrainStep
 
 def test_train_suite_writes_json_and_plot(tmp_path):
     res = run_suite("train", out=str(tmp_path), device="cpu", shape="tiny", steps=1, warmup=0, compile=False,
-                    rounds=1)
+                    rounds=2)
     saved = json.loads((tmp_path / "train.json").read_text())
     assert saved == json.loads(json.dumps(res))
     assert (tmp_path / "train.png").stat().st_size > 0
@@ -21,6 +21,8 @@ def test_train_suite_writes_json_and_plot(tmp_path):
     for r in saved["variants"].values():
         assert r["tok_per_s"] > 0 and r["ratio_vs_anchor"] > 0
     assert saved["variants"]["anchor"]["ratio_vs_anchor"] == 1.0
+    for label, figures in saved["rounds_tok_per_s"].items():  # every round's own figure; the table keeps the best
+        assert len(figures) == 2 and max(figures) == round(saved["variants"][label]["tok_per_s"], 1)
     assert 0 < saved["flop_bound_ratio"] < 1
     assert res["bank"]["branching"] == 4 and res["bank"]["ranks"] == [8, 4, 2]
     assert "train" in SUITES

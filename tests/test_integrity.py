@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from hiermem.cli import main
 from hiermem.config import load_config

@@ -1,9 +1,8 @@
 import json
 
-import numpy as np
 import pytest
 
-from hiermem.io_utils import (AtomicDir, atomic_dir, atomic_open, atomic_path, atomic_save_npy, atomic_write_json,
+from hiermem.io_utils import (AtomicDir, atomic_dir, atomic_open, atomic_path, atomic_write_json,
                               atomic_write_text, atomic_write_with)
 
 
@@ -118,25 +117,3 @@ def test_atomic_dir_clears_a_stale_temp_folder(tmp_path):
         _fill(tmp, {"fresh.txt": "ok"})
     assert listing(final) == ["fresh.txt"]
     assert listing(tmp_path) == ["out"]
-
-
-@pytest.mark.parametrize("array", [
-    np.arange(12, dtype=np.float32).reshape(3, 4),
-    np.array([True, False, True]),
-    np.zeros((0, 5), dtype=np.int64),
-    np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float64),
-])
-def test_atomic_save_npy_round_trips(tmp_path, array):
-    path = tmp_path / "a.npy"
-    atomic_save_npy(path, array)
-    back = np.load(path)
-    assert back.dtype == array.dtype and back.shape == array.shape
-    np.testing.assert_array_equal(back, array)
-    assert listing(tmp_path) == ["a.npy"]  # no "a.npy.npy", no temp file
-
-
-def test_atomic_save_npy_overwrites(tmp_path):
-    path = tmp_path / "a.npy"
-    atomic_save_npy(path, np.ones(1000))
-    atomic_save_npy(path, np.arange(3))
-    np.testing.assert_array_equal(np.load(path), np.arange(3))

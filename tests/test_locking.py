@@ -11,9 +11,9 @@ import pytest
 
 from hiermem.config import load_config
 from hiermem.errors import HiermemError
-from hiermem.locking import DirLock, lock_dir
+from hiermem.locking import DirLock
 
-HOLD = ("import sys, time\nfrom hiermem.locking import lock_dir\nheld = lock_dir(sys.argv[1], 'train')\n"
+HOLD = ("import sys, time\nfrom hiermem.locking import DirLock\nheld = DirLock(sys.argv[1], 'train').acquire()\n"
         "print('locked', flush=True)\ntime.sleep(120)\n")
 
 
@@ -25,22 +25,22 @@ def _holder(tmp_path):
 
 def test_a_second_process_is_refused_naming_the_holder(tmp_path):
     with DirLock(tmp_path, "prepare"):
-        other = subprocess.run([sys.executable, "-c", "import sys\nfrom hiermem.locking import lock_dir\n"
-                                "lock_dir(sys.argv[1], 'cluster')", str(tmp_path)], capture_output=True, text=True)
+        other = subprocess.run([sys.executable, "-c", "import sys\nfrom hiermem.locking import DirLock\n"
+                                "DirLock(sys.argv[1], 'cluster').acquire()", str(tmp_path)], capture_output=True, text=True)
     assert other.returncode != 0
     last = other.stderr.strip().splitlines()[-1]
     holder = f"{tmp_path}: in use by another hiermem prepare (pid {os.getpid()} on {socket.gethostname()}, started "
     assert f"HiermemError: {holder}" in last and "wait for it to finish or stop it" in last
-    lock_dir(tmp_path, "cluster").release()  # free again once released
+    DirLock(tmp_path, "cluster").acquire().release()  # free again once released
 
 
 def test_a_lock_of_a_killed_process_is_taken_over(tmp_path, capfd):
     proc = _holder(tmp_path)
     with pytest.raises(HiermemError, match=rf"in use by another hiermem train \(pid {proc.pid} on "):
-        lock_dir(tmp_path, "train")
+        DirLock(tmp_path, "train").acquire()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    lock = lock_dir(tmp_path, "train")
+    lock = DirLock(tmp_path, "train").acquire()
     err = capfd.readouterr().err
     assert f"taking over the lock of train (pid {proc.pid} on {socket.gethostname()}" in err
     assert "which is no longer running" in err

@@ -111,14 +111,3 @@ class AtomicDir:
         _fsync_dir(self.final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_save_npy(path: str | os.PathLike, array: Any) -> None:
-    """np.save, atomically (through a file object: np.save would append '.npy' to the temp name)."""
-    import numpy as np
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    atomic_write_with(path, write)

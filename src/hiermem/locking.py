@@ -89,8 +89,3 @@ class DirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def lock_dir(dir: str | os.PathLike, command: str) -> DirLock:
-    """Take the lock of dir for `command` (train, prepare, cluster) or refuse naming its holder."""
-    return DirLock(dir, command).acquire()

@@ -27,7 +27,7 @@ import torch
 from hiermem.errors import HiermemError
 from hiermem.integrity import CHECKSUMS, check_file, read_json, unseal
 from hiermem.memory.precision import from_bytes
-from hiermem.memory.store import MANIFEST, block_name, open_store
+from hiermem.memory.store import MANIFEST, open_store
 
 DIGEST_BYTES = 32
 

@@ -169,11 +169,12 @@ def run(out: str = "runs/bench", quick: bool = False, device: str | None = None,
             print(f"  {label}: failed ({res['variants'][label]['error']})", flush=True)
             return
         r.update(mode=cfg.train.mode, compiled=cfg.train.compile)
+        print(f"  {label:<18} {r['tok_per_s']:>12,.0f} tok/s  {r['ms_per_step']:8.1f} ms/step", flush=True)
+        res.setdefault("rounds_tok_per_s", {}).setdefault(label, []).append(round(r["tok_per_s"], 1))
         old = res["variants"].get(label, {})
-        if old.get("tok_per_s", 0) > r["tok_per_s"]:  # another round: keep the least disturbed one
+        if old.get("tok_per_s", 0) > r["tok_per_s"]:  # another round: the table keeps the least disturbed one
             r = old
         res["variants"][label] = r
-        print(f"  {label:<18} {r['tok_per_s']:>12,.0f} tok/s  {r['ms_per_step']:8.1f} ms/step", flush=True)
         save()
 
     print(f"hiermem bench --suite train on {res['device']}: {shape}, batch {res['batch']} x {res['seq']}", flush=True)

@@ -17,14 +17,13 @@ import hashlib
 import heapq
 import json
 import os
-from array import array
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from hiermem.data.npyfile import counting_sort, permutation
+from hiermem.data.npyfile import NpyAppender, counting_sort, permutation
 from hiermem.errors import HiermemError
 from hiermem.io_utils import AtomicDir, atomic_write_json
 
@@ -63,34 +62,30 @@ def _load_meta(folder: Path) -> dict:
 
 
 def write_doc_tokens(out_dir: str | Path, token_lists: Iterable, dtype) -> Path:
-    """Stream token lists (one per document, any int sequence/array) into out_dir/{tokens,offsets}.npy.
-
-    One pass, bounded memory: tokens are appended to tokens.npy behind a header written for shape (0,)
-    and the header is rewritten with the final length at the end (numpy reserves room in the header for
-    the length to grow, so the data never moves). Only the offsets (8 bytes per document) stay in RAM.
-    """
+    """Stream token lists (one per document, any int sequence/array) into out_dir/{tokens,offsets}.npy and
+    meta.json, atomically: the token store `hiermem prepare` writes, through the same appender (npyfile.py),
+    in bounded memory. For callers that have their documents' tokens already (tests, tools)."""
     dtype = np.dtype(dtype)
     if dtype not in (np.uint16, np.uint32):
         raise ValueError(f"dtype must be uint16 or uint32, got {dtype}")
     limit = np.iinfo(dtype).max
-    offsets = array("q", [0])
     with AtomicDir(Path(out_dir)) as tmp:
-        with open(tmp / "tokens.npy", "wb") as f:
-            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
-            np.lib.format.write_array_header_1_0(f, {**header, "shape": (0,)})
-            data_start = f.tell()
+        tokens, offsets = NpyAppender(tmp / "tokens.npy", dtype), NpyAppender(tmp / "offsets.npy", np.int64)
+        try:
+            offsets.append([0])
             for i, toks in enumerate(token_lists):
                 toks = np.asarray(toks)
                 if toks.size and (toks.min() < 0 or toks.max() > limit):
                     raise ValueError(f"document {i}: token id out of range for {dtype}")
-                f.write(toks.astype(dtype, copy=False).tobytes())
-                offsets.append(offsets[-1] + toks.size)
-            f.seek(0)
-            np.lib.format.write_array_header_1_0(f, {**header, "shape": (offsets[-1],)})
-            if f.tell() != data_start:  # cannot happen with numpy >= 1.24 (growth padding)
-                raise RuntimeError("npy header size changed; cannot finalise tokens.npy in place")
-        np.save(tmp / "offsets.npy", np.frombuffer(offsets, dtype=np.int64))
-        atomic_write_json(tmp / "meta.json", {"n_docs": len(offsets) - 1, "n_tokens": offsets[-1], "dtype": dtype.name})
+                tokens.append(toks)
+                offsets.append([tokens.count])
+            tokens.finalize()
+            offsets.finalize()
+        finally:
+            tokens.close()
+            offsets.close()
+        atomic_write_json(tmp / "meta.json", {"n_docs": offsets.count - 1, "n_tokens": tokens.count,
+                                              "dtype": dtype.name})
     return Path(out_dir)
 
 

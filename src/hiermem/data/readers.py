@@ -46,7 +46,6 @@ from hiermem.errors import HiermemError
 # suffix -> format; compound suffixes first (they are matched on the lower-cased file name)
 FORMATS = {".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".jsonl": "jsonl", ".txt": "txt",
            ".parquet": "parquet"}
-SUPPORTED = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".txt", ".parquet")
 _EXPECTED = "expected .jsonl, .jsonl.gz, .jsonl.zst, .txt, .parquet or a folder"
 _BOM = b"\xef\xbb\xbf"
 PARQUET_BATCH = 4096

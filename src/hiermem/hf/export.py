@@ -35,7 +35,6 @@ from hiermem.config import ModelConfig, save_config
 from hiermem.data.tokenizer import EOS
 from hiermem.errors import HiermemError
 from hiermem.eval.evaluate import open_run
-from hiermem.eval.run import Run
 from hiermem.model.hf import modeling_hiermem
 from hiermem.model.hf.modeling_hiermem import HiermemConfig, HiermemForCausalLM
 from hiermem.io_utils import atomic_dir, atomic_write_json

@@ -57,10 +57,6 @@ class ShardReducer:
             for k, v in ids.items():
                 self.shared[k][v] = True
 
-    def owned(self, key: str) -> np.ndarray:
-        """Blocks of part `key` this rank alone updates."""
-        return self.mine[key] & ~self.shared[key]
-
     def reduce(self, bg: BlockGrads, rows: dict[str, torch.Tensor]) -> tuple[BlockGrads, torch.Tensor]:
         """The gradients this rank applies: its owned blocks' own, plus every shared block that a sharer
         fetched, summed over the sharers. rows: per part, the rows of this rank's batch that fetched each

@@ -106,13 +106,6 @@ class MemoryKind:
         lora_qk and lora_vo, 3(d + d_ff) for lora_ffn, 2·h·d_h for kv."""
         return sum(m.cols for m in self.matrices(d))
 
-    def real_mask(self, d: int) -> torch.Tensor:
-        """[S, 1, d] bool: which stored entries of a layer's slabs are real parameters (False: padding)."""
-        mask = torch.zeros(self.n_slabs(d), 1, d, dtype=torch.bool)
-        for m in self.matrices(d):
-            mask[m.first:m.first + m.n_slabs].view(-1)[:m.cols] = True  # column-major over the matrix's slabs
-        return mask
-
     def check_model(self, d_model: int, attn_width: int, d_ff: int) -> None:
         """Refuse a memory whose widths do not fit the model it is applied to."""
         for name, have in (("attn_width", attn_width), ("d_ff", d_ff)):
