@@ -180,7 +180,7 @@ def test_knn_scan_holds_a_block_not_the_corpus(tmp_path, monkeypatch, probe):
     file (file-backed pages)."""
     from traced import traced_peak
 
-    from hiermem.bench.bank_scale import PeakRss, proc_status
+    from hiermem.bench.rss import RssSampler, proc_status
 
     monkeypatch.setattr("hiermem.routing.doc_index.KNN_BLOCK_DOCS", 4096)
     tree = Tree(1, 4, [unit(np.random.default_rng(0).standard_normal((4, 32)))])
@@ -202,7 +202,7 @@ def test_knn_scan_holds_a_block_not_the_corpus(tmp_path, monkeypatch, probe):
 
     def rss_growth(ram_docs):
         before = proc_status()["RssAnon"]
-        with PeakRss() as rss:
+        with RssSampler(interval=0.01) as rss:
             KnnRouter(tree, *data[400_000], k=10, ram_docs=ram_docs, probe=probe).route(q)
         return rss.peak - before
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from hiermem.bench.rss import RssSampler, proc_status
 from hiermem.bench.table import print_rows
 from hiermem.bench.train_throughput import device_name, random_bank, shape_config, synthetic_batch
 from hiermem.errors import HiermemError
@@ -86,43 +86,6 @@ def drop_page_cache(files: list[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def proc_status() -> dict[str, int]:
-    """This process's memory counters from /proc/self/status, in bytes ({} where there is none)."""
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return {}
-    out = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key in ("RssAnon", "VmHWM", "VmRSS"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-class PeakRss:
-    """Samples RssAnon every `every` seconds in a thread, from start() to stop(); peak holds the largest."""
-
-    def __init__(self, every: float = 0.01):
-        self.every, self.peak = every, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, proc_status().get("RssAnon", 0))
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> "PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, proc_status().get("RssAnon", 0))
 
 
 def save_json(res: dict, path: Path) -> None:
@@ -201,7 +164,7 @@ def run(out: str = "runs/bench", quick: bool = False, size_gb: float | None = No
     print(f"hiermem bench --suite scale: {store_bytes(spec, dtype, True) / GB:.2f} GB bank + moments on disk "
           f"(branching {k}), cache {cache_gb} GB, {steps} steps", flush=True)
     try:
-        with PeakRss() as rss:
+        with RssSampler(interval=0.01) as rss:
             t0 = time.perf_counter()
             store = fill_store(store_path, spec, dtype, state=True)
             setup = time.perf_counter() - t0

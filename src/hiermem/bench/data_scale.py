@@ -41,12 +41,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from hiermem.bench.rss import RssSampler
 from hiermem.data.wiki import wiki_leads
 from hiermem.errors import HiermemError, last_line
 from hiermem.io_utils import atomic_open, atomic_path, atomic_write_json
@@ -60,71 +60,6 @@ SAMPLE_S = 0.05
 SHARD_BYTES = 32 << 20  # text per shard at most (the .txt reader may hold one file at a time in RAM)
 CORPUS_VERSION = 1  # bump when the generator changes: a cached corpus of another version is regenerated
 FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt")
-
-
-# ------------------------------------------------------------------------------------------------ memory
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return kids
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids += [int(x) for x in f.read().split()]
-        except OSError:
-            pass
-    return kids
-
-
-def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants alive now."""
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += _children(p)
-    return tree
-
-
-def rss_anon(pid: int) -> int:
-    """RssAnon of one process in bytes (0 once it is gone or a zombie)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-class RssSampler:
-    """Samples the summed RssAnon of a process tree every `interval` seconds on a thread, until stopped."""
-
-    def __init__(self, pid: int, interval: float = SAMPLE_S):
-        self.pid, self.interval = pid, interval
-        self.peak = self.samples = self.max_procs = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while True:
-            pids = process_tree(self.pid)
-            self.peak = max(self.peak, sum(rss_anon(p) for p in pids))
-            self.samples += 1
-            self.max_procs = max(self.max_procs, len(pids))
-            if self._stop.wait(self.interval):
-                return
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # ------------------------------------------------------------------------------------------------ corpus
@@ -329,7 +264,7 @@ def run_stage(stage: str, overrides: list[str], log: Path) -> dict:
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
-        with RssSampler(proc.pid) as rss:
+        with RssSampler(proc.pid, SAMPLE_S) as rss:
             rc = proc.wait()
     wall = time.perf_counter() - t0
     if rc != 0 or not timing.is_file():
@@ -494,7 +429,7 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["RssSampler", "make_corpus", "process_tree", "readable_formats", "rss_anon", "run"]
+__all__ = ["make_corpus", "readable_formats", "run"]
 
 if __name__ == "__main__":
     sys.exit(_stage_main(sys.argv[1:]))
